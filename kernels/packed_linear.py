@@ -1,0 +1,80 @@
+"""PackedLinear: an nn.Module holding the packed tensors as buffers and multiplying straight from them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec
+from kernels.reference import packed_matmul_reference
+
+
+class PackedLinear(nn.Module):
+    """Drop-in replacement for nn.Linear(in_features, out_features) with packed weights.
+
+    Buffers (see docs/FORMAT.md): qweight, bitmap, scales, zeros, hscales, hzeros, and bias (or None).
+    """
+
+    def __init__(self, spec: PackSpec, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.in_features = spec.in_features
+        self.out_features = spec.out_features
+        for name, (shape, dt) in spec.shapes().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        self.register_buffer("bias", torch.zeros(spec.out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> "PackedLinear":
+        dtype = bias.dtype if bias is not None else torch.float32
+        layer = cls(packed.spec, bias=bias is not None, dtype=dtype, device=packed.qweight.device)
+        for name, t in packed.tensors().items():
+            getattr(layer, name).copy_(t)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.spec, **{name: getattr(self, name) for name in TENSOR_NAMES})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_matmul_reference(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, "
+                f"salient_bits={s.salient_bits}, group_size={s.group_size}, bias={self.bias is not None}")
+
+
+def weight_memory(model: nn.Module) -> tuple[int, int]:
+    """(bytes the model's weights occupy as loaded, bytes the same weights take in bf16).
+
+    Stored bytes count every parameter and buffer once (tied embeddings share storage). The bf16 figure counts
+    2 bytes per logical weight: in*out (+bias) for a PackedLinear, numel for everything else.
+    """
+    seen: set[tuple[int, int]] = set()
+    stored = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if t.numel() == 0 or key in seen:
+            continue
+        seen.add(key)
+        stored += t.numel() * t.element_size()
+    logical = 0
+    seen_logical: set[tuple[int, int]] = set()
+    packed_buffers = set()
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            logical += m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+            packed_buffers.update(id(getattr(m, n)) for n in TENSOR_NAMES)
+            if m.bias is not None:
+                packed_buffers.add(id(m.bias))
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if id(t) in packed_buffers or t.numel() == 0 or key in seen_logical:
+            continue
+        seen_logical.add(key)
+        if t.is_floating_point():
+            logical += t.numel()
+    return stored, 2 * logical
