@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Container entrypoint: `IMAGE --model /models/ckpt ...` serves, `IMAGE quantize MODEL --out DIR ...` quantizes,
+# `IMAGE eval CKPT --text FILE` evaluates; any other command (bash, python ...) runs as given.
+set -euo pipefail
+
+case "${1:-}" in
+  quantize) shift; exec python -m quantizer "$@" ;;
+  eval) shift; exec python -m quantizer.eval "$@" ;;
+  serve) shift ;;
+  "" | -*) ;;
+  *) exec "$@" ;;
+esac
+
+# argparse keeps the last value of a repeated flag, so these defaults yield to a --host/--port given after them.
+# The HEALTHCHECK probes MAMP_PORT: change the port with `-e MAMP_PORT=...` rather than --port.
+exec python -m server --host "${MAMP_HOST:-0.0.0.0}" --port "${MAMP_PORT:-8000}" "$@"
