@@ -1,0 +1,42 @@
+"""python -m server --model CHECKPOINT [...]: a thin shell over ServerConfig -> build_runtime -> uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .config import ServerConfig
+from .runtime import build_runtime
+
+
+def parse_args(argv=None) -> ServerConfig:
+    d = ServerConfig(model="")
+    p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible mamp server")
+    p.add_argument("--model", required=True, help="packed mamp checkpoint or Hugging Face Llama-family folder")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", default=d.served_model_name, help="default: the folder's name")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting sequences before 429")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="default: the model's limit")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)
+    p.add_argument("--log-level", default=d.log_level)
+    try:
+        return ServerConfig(**vars(p.parse_args(argv)))
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv=None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(build_runtime(config))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+
+
+if __name__ == "__main__":
+    main()

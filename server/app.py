@@ -1,0 +1,122 @@
+"""The FastAPI app: thin routes over the completion and chat services, auth, OpenAI-shaped errors."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import Awaitable, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import APIError, unauthorized, validation_error
+from .metrics import CONTENT_TYPE
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it if the client hangs up first (its finally blocks free the slots)."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise _ClientGone()
+    return task.result()
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """`runtime` holds the loaded model, engine, services and metrics; the app starts and stops its engine."""
+    config, metrics = runtime.config, runtime.metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.engine.start()
+        try:
+            yield
+        finally:
+            runtime.engine.shutdown()
+
+    app = FastAPI(title="mamp", lifespan=lifespan)
+
+    def fail(err: APIError) -> JSONResponse:
+        metrics.record_failure(err.status)
+        return err.response()
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError):
+        return fail(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        return fail(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return fail(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(_ClientGone)
+    async def on_client_gone(request: Request, exc: _ClientGone):
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return fail(APIError(500, "internal server error"))
+
+    async def require_api_key(request: Request) -> None:
+        if config.api_key:
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
+                raise unauthorized()
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])  # /health and /metrics stay open
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @v1.get("/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=runtime.model_name, root=runtime.info.path,
+                                         max_model_len=runtime.max_model_len)])
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        job = runtime.completions.start(body)
+        if body.stream:
+            return StreamingResponse(runtime.completions.stream(job), media_type="text/event-stream")
+        return await _unless_disconnected(request, runtime.completions.respond(job))
+
+    @v1.post("/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        job = runtime.chat.start(body)
+        if body.stream:
+            return StreamingResponse(runtime.chat.stream(job), media_type="text/event-stream")
+        return await _unless_disconnected(request, runtime.chat.respond(job))
+
+    app.include_router(v1)
+    return app

@@ -1,0 +1,127 @@
+"""Runs a loaded HF Llama-family model (Llama, Mistral, Qwen2/3) with its own RoPE, attention and KV cache.
+
+Prefill is one request at a time (M = prompt length); decode is one forward over all running sequences
+(M = number of sequences), each at its own position, with a length mask. The decoder's linear layers may
+be nn.Linear or any module with the same call contract (mamp's PackedLinear): they are just called.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import SlotKVCache
+
+
+def _rope_inv_freq(model: nn.Module, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] and the cos/sin scale; HF's own table when it has one, so scaled
+    RoPE variants (llama3, yarn) come out identical; otherwise computed from rope_theta."""
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        return rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
+    config = model.config
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class BatchedLlama:
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int):
+        config = model.config
+        if config.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {config.model_type!r} is not served; supported: {', '.join(SUPPORTED)}")
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and max_model_len > window:
+            raise ValueError(f"sliding-window attention is not implemented: use --max-model-len <= {window}")
+        self.model = model
+        self.layers = list(model.model.layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.vocab_size = config.vocab_size
+        self.max_model_len = max_model_len
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, _compute_dtype(model)
+        inv_freq, self.rope_scale = _rope_inv_freq(model, self.head_dim)
+        self.inv_freq = inv_freq.to(self.device)
+        self.cache = SlotKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
+                                 max_model_len, self.device, self.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, head_dim]."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
+        return cos, sin
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, KVH, T, D], RoPE applied."""
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(h)).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Writes the prompt's K/V into `slot`; returns float32 logits [T, V] (all_logits) or [V] (last)."""
+        t = len(token_ids)
+        self.cache.ensure_capacity(t)
+        ids = torch.tensor([token_ids], device=self.device)
+        cos, sin = self._rope(torch.arange(t, device=self.device)[None])
+        h = self.model.model.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+            self.cache.k[i][slot, :, :t] = k[0]
+            self.cache.v[i][slot, :, :t] = v[0]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._logits(h[0] if all_logits else h[0, -1])
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token per sequence: token_ids[i] sits at positions[i] of the sequence in slots[i] (whose
+        earlier positions are cached). Returns float32 logits [B, V]."""
+        b = len(slots)
+        self.cache.ensure_capacity(max(positions) + 1)
+        slot_idx = torch.tensor(slots, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        length = int(pos.max()) + 1
+        mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
+        cos, sin = self._rope(pos[:, None])
+        h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            k_cache[slot_idx, :, pos] = k[:, :, 0]
+            v_cache[slot_idx, :, pos] = v[:, :, 0]
+            keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._logits(h[:, 0])
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The activations' dtype: the embedding table's (packed weights are integer tensors)."""
+    return model.model.embed_tokens.weight.dtype

@@ -1,0 +1,37 @@
+"""Server configuration: one frozen dataclass, defaults in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_num_seqs: int = 16          # sequences decoded together in one batch
+    max_queue: int = 256            # sequences admitted but waiting for a slot; beyond this -> 429
+    max_model_len: Optional[int] = None  # prompt + generation, tokens; None -> the model's own limit
+    device: Device = "auto"
+    dtype: DType = "auto"           # auto -> float32 on CPU, bfloat16 on CUDA
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients must send in `model` (defaults to the checkpoint folder's name)."""
+        return self.served_model_name or Path(self.model).resolve().name

@@ -1,0 +1,241 @@
+"""Continuous-batching engine: a background thread that admits sequences into KV-cache slots between decode
+steps, decodes all running sequences in one forward, and hands each token to a per-sequence callback.
+It knows token ids, text and timings; nothing of HTTP."""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .batched_llama import BatchedLlama
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SampledToken, SamplingParams, make_generator, sample, top_logprobs
+from .stats import EngineSnapshot, RequestStats
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue cannot take the sequences of this request."""
+
+
+@dataclass(frozen=True)
+class SeqOutput:
+    """What one engine step produced for one sequence."""
+    token: Optional[SampledToken]        # None when the sequence ended without a new token (abort, error)
+    text: str                            # text safe to show now (stop strings held back until resolved)
+    finish_reason: Optional[str] = None  # stop | length | abort | error, on the last output only
+    prompt_logprobs: Optional[list] = None  # first output only: [None, (lp, top), ...] per prompt token
+    error: Optional[str] = None
+
+
+Sink = Callable[[SeqOutput], None]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    detok: IncrementalDetokenizer
+    arrival: float
+    generator: Optional[torch.Generator] = None
+    output_ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    scheduled: float = 0.0
+    first_token: Optional[float] = None
+    last_token: float = 0.0
+    itls: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
+                 on_finished: Callable[[RequestStats], None] = lambda stats: None):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.max_queue, self.max_model_len = max_queue, runner.max_model_len
+        self.on_finished = on_finished
+        self._cv = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._aborts: set[int] = set()
+        self._running: dict[int, _Sequence] = {}
+        self.capacity = max_num_seqs + max_queue  # sequences the engine can hold at once
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._ids = itertools.count()
+        self._live_tokens = 0
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- called from any thread -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mamp-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], sinks: list[Sink]) -> list[int]:
+        """Queues sequences, all or none; returns their ids. Raises QueueFullError."""
+        now = time.monotonic()
+        with self._cv:
+            if len(self._waiting) + len(prompts) > self.max_queue + len(self._free_slots):
+                raise QueueFullError(f"the server is busy: {len(self._waiting)} sequences are waiting "
+                                     f"(limit {self.max_queue}); retry later")
+            seqs = [_Sequence(next(self._ids), list(p), sp, sink,
+                              IncrementalDetokenizer(self.tokenizer, p, sp.stop), now)
+                    for p, sp, sink in zip(prompts, params, sinks)]
+            self._waiting.extend(seqs)
+            self._cv.notify()
+        return [s.seq_id for s in seqs]
+
+    def abort(self, seq_ids: list[int]) -> None:
+        """Cancels sequences (a client went away); their slots are freed before the next step."""
+        with self._cv:
+            self._aborts.update(seq_ids)
+            self._cv.notify()
+
+    def snapshot(self) -> EngineSnapshot:
+        cache = self.runner.cache
+        return EngineSnapshot(num_running=len(self._running), num_waiting=len(self._waiting),
+                              kv_cache_usage_bytes=self._live_tokens * cache.bytes_per_token,
+                              kv_cache_capacity_bytes=cache.capacity_bytes)
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._step()
+            except Exception:  # keep serving; the failing sequences were ended inside _step
+                logger.exception("engine step failed")
+        for seq in list(self._running.values()) + list(self._waiting):
+            self._finish(seq, "abort", SeqOutput(None, "", "abort"))
+
+    def _step(self) -> None:
+        with self._cv:
+            while not (self._waiting or self._running or self._aborts or self._stopping):
+                self._cv.wait()
+            if self._stopping:
+                return
+            aborts, self._aborts = self._aborts, set()
+            aborted = [s for s in self._waiting if s.seq_id in aborts]
+            self._waiting = deque(s for s in self._waiting if s.seq_id not in aborts)
+            admitted = []
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = self._free_slots.pop()
+                admitted.append(seq)
+        aborted += [s for s in self._running.values() if s.seq_id in aborts]
+        for seq in aborted:
+            self._finish(seq, "abort", SeqOutput(None, "", "abort"))
+        for seq in admitted:
+            self._prefill(seq)
+        if self._running:
+            self._decode()
+
+    def _prefill(self, seq: _Sequence) -> None:
+        seq.scheduled = time.monotonic()
+        self._running[seq.slot] = seq
+        self._live_tokens += len(seq.prompt_ids)
+        try:
+            self._check_prompt(seq.prompt_ids)
+            seq.generator = make_generator(seq.params.seed, self.runner.device)
+            want_prompt = seq.params.prompt_logprobs is not None
+            logits = self.runner.prefill(seq.slot, seq.prompt_ids, all_logits=want_prompt)
+            prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
+            self._advance(seq, logits[-1] if want_prompt else logits, prompt_lps)
+        except Exception as exc:  # a bad request must not take the engine down
+            logger.exception("prefill failed for sequence %d", seq.seq_id)
+            self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+
+    def _decode(self) -> None:
+        seqs = list(self._running.values())
+        try:
+            logits = self.runner.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
+                                        [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs])
+        except Exception as exc:
+            logger.exception("decode step failed; ending %d sequences", len(seqs))
+            for seq in seqs:
+                self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+            return
+        for seq, row in zip(seqs, logits):
+            try:
+                self._advance(seq, row)
+            except Exception as exc:
+                logger.exception("sampling failed for sequence %d", seq.seq_id)
+                self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, prompt_lps: Optional[list] = None) -> None:
+        """Samples the next token of `seq` from logits [V] and hands it out."""
+        params = seq.params
+        token = sample(logits, params, seq.generator, seq.output_ids)
+        now = time.monotonic()
+        if seq.first_token is None:
+            seq.first_token = now
+        else:
+            seq.itls.append(now - seq.last_token)
+        seq.last_token = now
+        seq.output_ids.append(token.token_id)
+        self._live_tokens += 1
+        reason = None
+        if token.token_id in params.stop_token_ids and not params.ignore_eos:
+            reason = "stop"
+        else:
+            seq.detok.add(token.token_id)
+            if seq.detok.stopped:
+                reason = "stop"
+        if reason is None and (len(seq.output_ids) >= params.max_tokens
+                               or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len):
+            reason = "length"
+        out = SeqOutput(token, seq.detok.take(final=reason is not None), reason, prompt_lps)
+        if reason is None:
+            self._send(seq, out)
+        else:
+            self._finish(seq, reason, out)
+
+    def _finish(self, seq: _Sequence, reason: str, out: SeqOutput) -> None:
+        if self._running.get(seq.slot) is seq:
+            del self._running[seq.slot]
+            self._free_slots.append(seq.slot)
+            self._live_tokens -= len(seq.prompt_ids) + len(seq.output_ids)
+        self._send(seq, out)
+        now = time.monotonic()
+        stats = RequestStats(
+            finish_reason=reason, prompt_tokens=len(seq.prompt_ids), generation_tokens=len(seq.output_ids),
+            queue_time=(seq.scheduled or now) - seq.arrival,
+            time_to_first_token=None if seq.first_token is None else seq.first_token - seq.arrival,
+            inter_token_latencies=tuple(seq.itls), e2e_latency=now - seq.arrival)
+        try:
+            self.on_finished(stats)
+        except Exception:
+            logger.exception("stats callback failed")
+
+    @staticmethod
+    def _send(seq: _Sequence, out: SeqOutput) -> None:
+        try:
+            seq.sink(out)
+        except Exception:  # the consumer's event loop is gone; the sequence is aborted separately
+            logger.debug("dropping output for sequence %d", seq.seq_id)
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if not prompt or len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit a context of {self.max_model_len}")
+        if min(prompt) < 0 or max(prompt) >= self.runner.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.runner.vocab_size})")
+
+    @staticmethod
+    def _prompt_logprobs(seq: _Sequence, logits: torch.Tensor) -> list:
+        """logits [T, V] -> per prompt token: None for the first, else (logprob, top (id, lp) pairs)."""
+        lps = torch.log_softmax(logits[:-1], dim=-1)
+        ids = seq.prompt_ids
+        k = seq.params.prompt_logprobs or 0
+        return [None] + [(float(lps[i - 1, ids[i]]), top_logprobs(lps[i - 1], k)) for i in range(1, len(ids))]

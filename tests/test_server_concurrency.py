@@ -1,0 +1,103 @@
+"""Continuous batching under load: concurrent requests, disconnects, a full queue."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+PROMPTS = ["Once upon a time", "The cat", "Lily and Tom went", "One day", "She saw a big", "He was very",
+           "The sun was", "A little dog", "They played", "Mom said", "The tree", "It was a",
+           "The girl liked", "Ben had a", "In the park", "The bird"]
+
+
+def gauge(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(name)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_sixteen_concurrent_requests_match_single_runs(tiny_server):
+    client = tiny_server.client()
+    args = dict(model="tiny", max_tokens=20, temperature=0)
+    alone = [client.completions.create(prompt=p, **args).choices[0] for p in PROMPTS]
+
+    async def together():
+        aclient = tiny_server.async_client()
+        return await asyncio.gather(*(aclient.completions.create(prompt=p, **args) for p in PROMPTS))
+
+    runner = tiny_server.runtime.engine.runner
+    batch_sizes = []
+    runner.decode = lambda slots, *rest: batch_sizes.append(len(slots)) or type(runner).decode(runner, slots, *rest)
+    try:
+        outs = asyncio.run(together())
+    finally:
+        del runner.decode
+    for ref, out in zip(alone, outs):
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (ref.text, ref.finish_reason)
+    assert max(batch_sizes) > 1  # they really were decoded together
+
+
+def test_disconnect_mid_stream_frees_the_slot(tiny_server):
+    before = _finished(tiny_server, "abort")
+    stream = tiny_server.client().completions.create(model="tiny", prompt="Once", max_tokens=2000, stream=True,
+                                                     extra_body={"ignore_eos": True})
+    for _, _chunk in zip(range(3), stream):
+        pass
+    assert gauge(tiny_server, "mamp:num_requests_running") == 1
+    stream.close()
+    wait_for(lambda: gauge(tiny_server, "mamp:num_requests_running") == 0)
+    wait_for(lambda: _finished(tiny_server, "abort") == before + 1)
+    assert gauge(tiny_server, "mamp:kv_cache_usage_bytes") == 0
+
+
+def test_disconnect_while_waiting_for_a_full_response_frees_the_slot(tiny_server):
+    before = _finished(tiny_server, "abort")
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.3))
+    wait_for(lambda: _finished(tiny_server, "abort") == before + 1)
+    assert gauge(tiny_server, "mamp:num_requests_running") == 0
+
+
+def _finished(server, reason: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mamp:requests_finished_total" and sample.labels["finish_reason"] == reason:
+                return sample.value
+    return 0.0
+
+
+def test_full_queue_answers_429(start_server, tiny_llama_dir):
+    server = start_server(model=str(tiny_llama_dir), served_model_name="tiny", max_num_seqs=1, max_queue=1)
+    client = server.client()
+    long = dict(model="tiny", prompt="Once", max_tokens=2000, stream=True, extra_body={"ignore_eos": True})
+    running = client.completions.create(**long)
+    next(iter(running))
+    waiting = client.completions.create(**long)  # accepted: one place in the queue
+    wait_for(lambda: gauge(server, "mamp:num_requests_waiting") == 1)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(model="tiny", prompt="Once", max_tokens=2)
+    assert info.value.status_code == 429 and info.value.body["type"] == "rate_limit_error"
+    running.close()
+    first = next(iter(waiting))  # the waiting request moves into the freed slot
+    assert first.choices[0].text is not None
+    waiting.close()
+    wait_for(lambda: gauge(server, "mamp:num_requests_running") == 0)
+    out = client.completions.create(model="tiny", prompt="Once", max_tokens=2, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 2

@@ -1,0 +1,94 @@
+"""Every error the server answers: status code and the OpenAI shape; none of them disturbs later requests."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+CHAT = "/v1/chat/completions"
+CMPL = "/v1/completions"
+USER = [{"role": "user", "content": "Hi"}]
+
+BAD_REQUESTS = [
+    (CMPL, {"prompt": "Once", "max_tokens": 0}, "max_tokens"),
+    (CMPL, {"prompt": "Once", "max_tokens": -3}, "max_tokens"),
+    (CMPL, {"prompt": "Once", "temperature": -0.5}, "temperature"),
+    (CMPL, {"prompt": "Once", "top_p": 0}, "top_p"),
+    (CMPL, {"prompt": "Once", "top_p": 1.5}, "top_p"),
+    (CMPL, {"prompt": "Once", "n": 0}, "n"),
+    (CMPL, {"prompt": "Once", "logprobs": 21}, "logprobs"),
+    (CMPL, {"prompt": "Once", "temperature": "hot"}, "temperature"),
+    (CMPL, {"max_tokens": 3}, "prompt"),
+    (CMPL, {"prompt": []}, "prompt"),
+    (CMPL, {"prompt": [1, 99999]}, "prompt"),
+    (CMPL, {"prompt": "Once", "stream_options": {"include_usage": True}}, None),
+    (CMPL, {"prompt": "Once", "logit_bias": {"abc": 1}}, "logit_bias"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
+    (CHAT, {"messages": []}, "messages"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CHAT, {"messages": USER, "top_logprobs": 2}, None),
+]
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = "skip") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    if param != "skip":
+        assert param is None or (error["param"] or "").startswith(param), error
+    return error
+
+
+@pytest.mark.parametrize("path,body,param", BAD_REQUESTS)
+def test_invalid_parameters_are_400(tiny_server, path, body, param):
+    assert_error(httpx.post(tiny_server.url + path, json={"model": "tiny", **body}), 400, param)
+
+
+def test_malformed_json_is_400(tiny_server):
+    r = httpx.post(tiny_server.url + CMPL, content=b'{"prompt": "Once", ', headers={"content-type": "application/json"})
+    assert "JSON" in assert_error(r, 400)["message"]
+
+
+def test_context_overflow_names_both_numbers(tiny_server):
+    error = assert_error(httpx.post(tiny_server.url + CMPL,
+                                    json={"model": "tiny", "prompt": [1, 403, 407], "max_tokens": 2046}), 400)
+    assert "2048" in error["message"] and "2046" in error["message"] and "3 in the prompt" in error["message"]
+    long_chat = [{"role": "user", "content": "Once upon a time " * 600}]
+    assert_error(httpx.post(tiny_server.url + CHAT, json={"model": "tiny", "messages": long_chat}), 400, "prompt")
+    with pytest.raises(openai.BadRequestError):
+        tiny_server.client().completions.create(model="tiny", prompt=[1, 403], max_tokens=5000)
+
+
+def test_unknown_model_is_404(tiny_server):
+    error = assert_error(httpx.post(tiny_server.url + CMPL, json={"model": "gpt-9", "prompt": "Once"}), 404)
+    assert error["code"] == "model_not_found" and "gpt-9" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        tiny_server.client().chat.completions.create(model="gpt-9", messages=USER)
+    assert_error(httpx.get(tiny_server.url + "/v1/nothing-here"), 404)
+
+
+def test_errors_do_not_disturb_other_requests(tiny_server):
+    client = tiny_server.client()
+    before = client.completions.create(model="tiny", prompt="Once", max_tokens=5, temperature=0).choices[0].text
+    for path, body, _ in BAD_REQUESTS:
+        httpx.post(tiny_server.url + path, json={"model": "tiny", **body})
+    assert client.completions.create(model="tiny", prompt="Once", max_tokens=5, temperature=0).choices[0].text == before
+
+
+def test_api_key(start_server, tiny_llama_dir):
+    server = start_server(model=str(tiny_llama_dir), served_model_name="tiny", api_key="s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        error = assert_error(httpx.get(server.url + "/v1/models", headers=headers), 401)
+        assert error["code"] == "invalid_api_key"
+    invalid_body = httpx.post(server.url + CMPL, json={"model": "tiny", "prompt": "x", "n": 0},
+                              headers={"Authorization": "Bearer wrong"})
+    assert_error(invalid_body, 401)  # the key is checked before the body
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").completions.create(model="tiny", prompt="Once", max_tokens=2)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+    out = server.client().completions.create(model="tiny", prompt="Once", max_tokens=2)
+    assert out.usage.completion_tokens <= 2
+    assert 'status_code="401"' in httpx.get(server.url + "/metrics").text

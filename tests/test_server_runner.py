@@ -1,0 +1,104 @@
+"""The batched runner against HF's own forward, and the engine's pure-Python parts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from server.batched_llama import BatchedLlama
+from server.detokenizer import IncrementalDetokenizer
+from server.model_loader import weight_memory
+from server.sampling import SamplingParams, make_generator, sample
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def hf_model(request):
+    """Tiny random models; Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms and an explicit head_dim."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    extra = {"head_dim": 24} if request.param == "qwen3" else {}
+    config = AutoConfig.for_model(request.param, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                  max_position_embeddings=1024, rope_theta=500.0, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@torch.no_grad()
+def _hf_last_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_prefill_matches_hf_at_every_position(hf_model):
+    runner = BatchedLlama(hf_model, max_num_seqs=2, max_model_len=512)
+    ids = torch.randint(0, 512, (17,)).tolist()
+    ours = runner.prefill(1, ids, all_logits=True)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(runner.prefill(0, ids), ref[-1], atol=ATOL, rtol=0)
+
+
+def test_batched_decode_of_different_lengths_matches_hf(hf_model):
+    # slot capacity starts at 256 tokens, so the 300-token prompt also exercises cache growth
+    runner = BatchedLlama(hf_model, max_num_seqs=4, max_model_len=512)
+    gen = torch.Generator().manual_seed(1)
+    seqs = {slot: torch.randint(0, 512, (n,), generator=gen).tolist() for slot, n in [(3, 1), (0, 7), (2, 300)]}
+    for slot, ids in seqs.items():
+        runner.prefill(slot, ids)
+    for step in range(4):
+        slots = list(seqs)
+        new = torch.randint(0, 512, (len(slots),), generator=gen).tolist()
+        positions = [len(seqs[s]) for s in slots]
+        for s, t in zip(slots, new):
+            seqs[s].append(t)
+        logits = runner.decode(slots, new, positions)
+        assert logits.shape == (len(slots), 512)
+        for row, s in zip(logits, slots):
+            torch.testing.assert_close(row, _hf_last_logits(hf_model, seqs[s]), atol=ATOL, rtol=0)
+        if step == 1:  # a sequence leaves the batch, another one keeps going alone
+            del seqs[0]
+
+
+def test_greedy_and_seeded_sampling():
+    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
+    greedy = SamplingParams(temperature=0.0, logprobs=2)
+    tok = sample(logits, greedy, make_generator(0, torch.device("cpu")), [])
+    assert tok.token_id == 1 and [t for t, _ in tok.top_logprobs] == [1, 3]
+    assert tok.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[1]))
+    assert sample(logits, SamplingParams(top_k=1), make_generator(5, torch.device("cpu")), []).token_id == 1
+    hot = SamplingParams(temperature=5.0)
+    draws = [[sample(logits, hot, g, []).token_id for _ in range(20)]
+             for g in (make_generator(7, torch.device("cpu")), make_generator(7, torch.device("cpu")))]
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+    penalised = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    assert sample(logits, penalised, make_generator(0, torch.device("cpu")), [1]).token_id == 3
+
+
+def test_detokenizer_cuts_at_stop_and_holds_back_prefixes(stories_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    prompt = tok("Once").input_ids
+    ids = tok(" upon a time there was a cat", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tok, prompt, stop=("there",))
+    streamed = ""
+    for t in ids:
+        detok.add(t)
+        streamed += detok.take(final=detok.stopped)
+        assert "the" not in streamed[len(" upon a time "):] or detok.stopped
+        if detok.stopped:
+            break
+    assert streamed == " upon a time "
+    plain = IncrementalDetokenizer(tok, prompt)
+    assert "".join(plain.add(t) for t in ids) == " upon a time there was a cat"
+
+
+def test_weight_memory_counts_tied_embeddings_once(stories_dir):
+    model = LlamaForCausalLM.from_pretrained(stories_dir)
+    stored, bf16 = weight_memory(model)
+    n_params = sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates tied weights
+    assert 2 * n_params <= bf16 <= 2 * n_params + 1024  # + the float RoPE buffers, if counted
+    assert 4 * n_params <= stored <= 4 * n_params + 1024
