@@ -23,6 +23,11 @@ RUN apt-get update \
 
 FROM ${CPU_IMAGE} AS base-cpu
 ARG TORCH_VERSION=2.10.0
+# g++ builds the CPU packed-matmul extension (kernels/cpu_matmul.cpp) on first use.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
 
 # Only the stage VARIANT names is built.

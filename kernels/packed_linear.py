@@ -4,14 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.dispatch import packed_matmul
 from kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec
-from kernels.reference import packed_matmul_reference
 
 
 class PackedLinear(nn.Module):
     """Drop-in replacement for nn.Linear(in_features, out_features) with packed weights.
 
     Buffers (see docs/FORMAT.md): qweight, bitmap, scales, zeros, hscales, hzeros, and bias (or None).
+    forward multiplies straight from them (kernels/dispatch.py: Triton on CUDA, the CPU kernel on CPU, the
+    reference elsewhere) and keeps no dequantized weight.
     """
 
     def __init__(self, spec: PackSpec, bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -38,8 +40,18 @@ class PackedLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight(self.spec, **{name: getattr(self, name) for name in TENSOR_NAMES})
 
+    def _packed_view(self) -> PackedWeight:
+        """self.packed, rebuilt only when a buffer was replaced (.to(), .cuda(), assignment): building and
+        validating a PackedWeight costs ~10 us, as much as a small decode matmul. It holds the buffers, no copy."""
+        bufs = self._buffers
+        view = self.__dict__.get("_packed_cache")
+        if view is None or any(getattr(view, name) is not bufs[name] for name in TENSOR_NAMES):
+            view = self.packed
+            self.__dict__["_packed_cache"] = view
+        return view
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_matmul_reference(x, self.packed, self.bias)
+        return packed_matmul(x, self._packed_view(), self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec

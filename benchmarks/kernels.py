@@ -1,0 +1,182 @@
+"""Packed matmul vs torch fp32 and bf16 nn.Linear of the same shape, measured in the same run.
+
+    python benchmarks/kernels.py --device cpu --threads 2 --shapes smollm2 --ms 1,4,16,256,2048
+    python benchmarks/kernels.py --device cuda --shapes smollm2,llama7b --ms 1,4,16,256,2048
+
+Prints a markdown table: median times (warm-up first) and ratios t(nn.Linear) / t(packed) (> 1: packed is
+faster). On a GPU also the achieved bandwidth over the bytes the packed kernel must read (words, bitmap, both
+grids' scales and zeros, activations) against the device's copy bandwidth (a large Tensor.copy_).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.dispatch import packed_matmul  # noqa: E402
+from kernels.packing import PackSpec, PackedWeight, pack  # noqa: E402
+
+SHAPE_SETS = {  # (K = in_features, N = out_features)
+    "smollm2": [(576, 576), (576, 1536), (1536, 576), (576, 192)],
+    "llama7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
+}
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    device: str = "cpu"
+    shapes: tuple[tuple[int, int], ...] = tuple(SHAPE_SETS["smollm2"])
+    ms: tuple[int, ...] = (1, 4, 16, 256, 2048)
+    repeats: int = 20
+    warmup: int = 3
+    max_seconds: float = 1.5  # per measurement: fewer repeats where one call is slow
+    threads: int | None = None
+    bits: int = 2
+    salient_bits: int = 8
+    group_size: int = 128
+    salient_frac: float = 0.05
+    act_dtype: str | None = None  # packed path activations: default fp32 on CPU, bf16 on CUDA
+
+
+def random_packed(spec: PackSpec, frac: float, device: str, seed: int = 0) -> PackedWeight:
+    g = torch.Generator().manual_seed(seed)
+    n = spec.out_features
+    p = pack(spec,
+             torch.randint(0, 1 << spec.bits, (n, spec.padded_in), generator=g),
+             torch.randint(0, 1 << spec.salient_bits, (n, spec.n_high_codes), generator=g),
+             torch.rand(n, spec.n_groups, generator=g) < frac,
+             torch.rand(spec.n_scale_groups, n, generator=g) * 0.02 + 1e-3,
+             torch.randint(0, 1 << spec.bits, (spec.n_scale_groups, n), generator=g),
+             torch.rand(spec.n_salient_scale_groups, n, generator=g) * 0.02 + 1e-3,
+             torch.randint(0, 1 << spec.salient_bits, (spec.n_salient_scale_groups, n), generator=g))
+    return p.to(device)
+
+
+def _time_one(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_calls(fns: list, device: torch.device, repeats: int, warmup: int, max_seconds: float) -> list[float]:
+    """Median seconds per call of each fn. Calls alternate round-robin, so that load from other processes on a
+    shared machine falls on all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    budget_end = time.perf_counter() + max_seconds * len(fns)
+    for i in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(_time_one(fn, device))
+        if i >= 2 and time.perf_counter() > budget_end:
+            break
+    return [statistics.median(ts) for ts in times]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """GB/s of a large device-to-device Tensor.copy_ (bytes read + bytes written)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    (t,) = time_calls([lambda: dst.copy_(src)], device, repeats=10, warmup=2, max_seconds=5.0)
+    return 2 * nbytes / t / 1e9
+
+
+def run(a: BenchArgs) -> list[dict]:
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    act = getattr(torch, a.act_dtype) if a.act_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
+    rows = []
+    for k, n in a.shapes:
+        spec = PackSpec(k, n, bits=a.bits, salient_bits=a.salient_bits, group_size=a.group_size,
+                        salient_group_size=a.group_size)
+        packed = random_packed(spec, a.salient_frac, a.device)
+        lin32 = torch.nn.Linear(k, n, bias=False, device=device)
+        lin16 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        for m in a.ms:
+            x = torch.randn(m, k, device=device)
+            xa, x16 = x.to(act), x.to(torch.bfloat16)
+            with torch.inference_mode():
+                t_packed, t32, t16 = time_calls([lambda: packed_matmul(xa, packed), lambda: lin32(x), lambda: lin16(x16)],
+                                                device, a.repeats, a.warmup, a.max_seconds)
+            row = {"K": k, "N": n, "M": m, "packed_us": t_packed * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
+                   "vs_fp32": t32 / t_packed, "vs_bf16": t16 / t_packed}
+            if copy_bw is not None:
+                nbytes = packed.nbytes + m * k * xa.element_size()
+                row["GB/s"] = nbytes / t_packed / 1e9
+                row["of_copy"] = row["GB/s"] / copy_bw
+            rows.append(row)
+            print(format_row(row), flush=True)
+    if copy_bw is not None:
+        print(f"\ncopy bandwidth ({torch.cuda.get_device_name(device)}): {copy_bw:.0f} GB/s")
+    return rows
+
+
+HEADER = "| K | N | M | packed us | fp32 us | bf16 us | fp32/packed | bf16/packed |"
+
+
+def format_row(r: dict) -> str:
+    s = (f"| {r['K']} | {r['N']} | {r['M']} | {r['packed_us']:.1f} | {r['fp32_us']:.1f} | {r['bf16_us']:.1f} | "
+         f"{r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x |")
+    if "GB/s" in r:
+        s += f" {r['GB/s']:.0f} | {100 * r['of_copy']:.0f}% |"
+    return s
+
+
+def parse_args(argv: list[str] | None = None) -> BenchArgs:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shapes", default="smollm2",
+                   help="comma list of sets (" + ", ".join(SHAPE_SETS) + ") and/or KxN pairs, e.g. 4096x4096")
+    p.add_argument("--ms", default="1,4,16,256,2048", help="comma list of M (rows of x)")
+    p.add_argument("--repeats", type=int, default=BenchArgs.repeats)
+    p.add_argument("--warmup", type=int, default=BenchArgs.warmup)
+    p.add_argument("--max-seconds", type=float, default=BenchArgs.max_seconds)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--bits", type=int, default=BenchArgs.bits)
+    p.add_argument("--salient-bits", type=int, default=BenchArgs.salient_bits)
+    p.add_argument("--group-size", type=int, default=BenchArgs.group_size)
+    p.add_argument("--salient-frac", type=float, default=BenchArgs.salient_frac)
+    p.add_argument("--act-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    ns = p.parse_args(argv)
+    shapes: list[tuple[int, int]] = []
+    for item in ns.shapes.split(","):
+        item = item.strip()
+        if item in SHAPE_SETS:
+            shapes += SHAPE_SETS[item]
+        else:
+            k, n = item.lower().split("x")
+            shapes.append((int(k), int(n)))
+    return BenchArgs(device=ns.device, shapes=tuple(shapes), ms=tuple(int(m) for m in ns.ms.split(",")),
+                     repeats=ns.repeats, warmup=ns.warmup, max_seconds=ns.max_seconds, threads=ns.threads,
+                     bits=ns.bits, salient_bits=ns.salient_bits, group_size=ns.group_size,
+                     salient_frac=ns.salient_frac, act_dtype=ns.act_dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    header = HEADER + (" GB/s | of copy BW |" if a.device == "cuda" else "")
+    print(f"packed b={a.bits} h={a.salient_bits} gs={a.group_size} salient={a.salient_frac:.0%}, "
+          f"threads={torch.get_num_threads() if a.threads is None else a.threads}, device={a.device}\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    run(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Prefill packed matmul (large M) in Triton: a tiled GEMM that dequantizes weight tiles in registers.
+
+Program (pid_m, pid_n) owns a [BLOCK_M, BLOCK_N] output tile. Per step it loads BLOCK_R word rows x BLOCK_N
+columns (each word once), and for each of the 32/b rows a word covers decodes a [BLOCK_R, BLOCK_N] weight slice
+and multiplies it with the matching [BLOCK_M, BLOCK_R] activation slice (columns r*(32/b) + i) on the tensor
+cores, accumulating in fp32. Together the 32/b dots cover a K step of BLOCK_R * 32/b rows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.packing import PackedWeight
+from kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
+from kernels.triton_decode import decode_code, load_word_rows
+
+GROUP_M = 8  # program-id swizzle: neighbouring programs share weight tiles in L2
+
+
+@triton.jit
+def packed_gemm_kernel(
+    x_ptr, qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, bias_ptr, out_ptr,
+    M, N, K, R, stride_xm, stride_xk, stride_om,
+    B: tl.constexpr, H: tl.constexpr, GS: tl.constexpr, SGS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+):
+    VPW: tl.constexpr = 32 // B
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    group_m = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        words, sal, s, z, hs, hz = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
+                                                  mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
+        for i in tl.static_range(VPW):
+            w = decode_code(words, sal, s, z, hs, hz, i, B, H)  # [BLOCK_R, BLOCK_N] fp32
+            k = offs_r * VPW + i
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & (mask_r & (k < K))[None, :], other=0.0)
+            if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
+                acc = tl.dot(xv.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, w.to(xv.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two, from 32 up to 4096."""
+    return min(4096, max(32, triton.next_power_of_2(m)))
+
+
+def packed_gemm(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None, config: KernelConfig | None = None) -> torch.Tensor:
+    """y = x W^T + bias for any M (meant for M > 16).
+
+    x: [..., K] fp16/bf16/fp32 (any strides)
+    qweight: [K_pad*b/32, N] int32; bitmap: [ceil(K_pad/128), N] uint8
+    scales, zeros: [ceil(K_pad/gs), N] fp16, uint8; hscales, hzeros: [ceil(K_pad/sgs), N] fp16, uint8
+    bias: [N] or None; out: [..., N] in x.dtype (overwritten) or None.  Returns [..., N] in x.dtype.
+    """
+    spec = packed.spec
+    k, n = spec.in_features, spec.out_features
+    assert x.shape[-1] == k, f"x has {x.shape[-1]} features, layer expects {k}"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
+    for name, (shape, dtype) in spec.shapes().items():
+        t = getattr(packed, name)
+        assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous(), name
+        assert t.device == x.device, f"{name} on {t.device}, x on {x.device}"
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if bias is not None:
+        assert bias.shape == (n,) and bias.is_contiguous(), tuple(bias.shape)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    assert out.shape == (*x.shape[:-1], n) and out.dtype == x.dtype and out.is_contiguous()
+    out2 = out.view(-1, n)
+    if m == 0:
+        return out
+
+    def launch(cfg: KernelConfig):
+        bm, bn, br = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"], cfg.blocks["BLOCK_R"]
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        packed_gemm_kernel[grid](
+            x2, packed.qweight, packed.bitmap, packed.scales, packed.zeros, packed.hscales, packed.hzeros,
+            bias if bias is not None else packed.scales, out2,
+            m, n, k, spec.qweight_rows, x2.stride(0), x2.stride(1), out2.stride(0),
+            B=spec.bits, H=spec.salient_bits, GS=spec.group_size, SGS=spec.salient_group_size,
+            HAS_BIAS=bias is not None, DOT_F32=dot_in_fp32(x.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, GROUP=GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+
+    if config is None:
+        key = (f"m{m_bucket(m)}_n{n}_k{k}_b{spec.bits}_h{spec.salient_bits}_gs{spec.group_size}"
+               f"_sgs{spec.salient_group_size}_{str(x.dtype).removeprefix('torch.')}_bias{int(bias is not None)}")
+        config = GEMM_TUNER.pick(key, x.device, launch)
+    return launch(config)
+
+
+def _cfg(bm: int, bn: int, br: int, warps: int, stages: int) -> KernelConfig:
+    return KernelConfig(blocks={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+
+
+# Curated: BLOCK_R word rows = BLOCK_R * 32/b input rows per step (256 for b=2, BLOCK_R=16).
+GEMM_CONFIGS = [
+    _cfg(64, 128, 16, 4, 3),
+    _cfg(128, 128, 16, 8, 3),
+    _cfg(128, 64, 16, 4, 3),
+    _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 256, 16, 8, 3),
+    _cfg(32, 128, 32, 4, 4),
+]
+GEMM_TUNER = DiskAutotuner("packed_gemm", GEMM_CONFIGS)

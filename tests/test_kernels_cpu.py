@@ -1,0 +1,168 @@
+"""The CPU packed matmul (C++ extension and its torch twin) against the reference and a float64 product.
+
+Full grid: widths (b, h) in {2, 4} x {b, 8}; M in {1, 3, 17, 257}; K, N odd multiples of 16 and 128 and a
+padded K; fp16 / bf16 / fp32; no, a few, half and all groups salient; with and without bias; contiguous and
+strided x. Outputs are poisoned with NaN before each run so an unwritten element fails.
+"""
+import pytest
+import torch
+
+from kernels import cpu_matmul
+from kernels.dispatch import can_implement
+from kernels.packed_linear import PackedLinear
+from kernels.packing import PackSpec, dequantize
+from kernels.reference import packed_matmul_reference
+from tests.test_packing import random_packed
+
+WIDTHS = [(2, 2), (2, 8), (4, 4), (4, 8)]
+SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128; 13*16 and 3*128
+FRACS = [0.0, 0.04, 0.5, 1.0]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MS = [1, 3, 17, 257]
+# |y - y64| <= TOL * (|x| @ |W|^T + |bias|): fp32 accumulation, then rounding to the output dtype.
+TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The grid's tensors are tiny: torch's thread pool only adds barrier waits (painful on a shared 2-core box).
+    Restored afterwards; test_threads_agree covers the multi-threaded split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_case(k, n, bits, hbits, frac, seed=0):
+    spec = PackSpec(k, n, bits=bits, salient_bits=hbits, group_size=64, salient_group_size=32)
+    packed, _ = random_packed(spec, frac, seed=seed)
+    return spec, packed
+
+
+def make_x(m, k, dtype, strided, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # a transposed view: stride 1 along M, not K
+        return torch.randn(k, m, generator=g).to(dtype).t()
+    return torch.randn(m, k, generator=g).to(dtype)
+
+
+def check_close(y, x, packed, bias, w=None):
+    """y against x W^T + bias in float64, with the dot-product error bound scaled by |x| |W|^T.
+
+    w: dequantize(packed) in float64, when the caller already has it."""
+    w = dequantize(packed).double() if w is None else w
+    xd = x.double()
+    y64 = xd @ w.t()
+    bound = xd.abs() @ w.abs().t()
+    if bias is not None:
+        y64 = y64 + bias.double()
+        bound = bound + bias.double().abs()
+    assert y.dtype == x.dtype and y.shape == y64.shape
+    assert torch.isfinite(y).all(), "unwritten (NaN) or non-finite outputs"
+    err = (y.double() - y64).abs()
+    tol = TOL[x.dtype] * bound + 1e-30
+    worst = float((err / tol).max())
+    assert worst <= 1.0, f"error {worst:.3g}x the {x.dtype} tolerance"
+
+
+def run_poisoned(fn, x, packed, bias, **kw):
+    out = torch.full((*x.shape[:-1], packed.spec.out_features), float("nan"), dtype=x.dtype)
+    y = fn(x, packed, bias, out=out, **kw)
+    assert y.data_ptr() == out.data_ptr()
+    return out
+
+
+@pytest.mark.parametrize("bits,hbits", WIDTHS)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("frac", FRACS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_matmul_grid(bits, hbits, k, n, frac, dtype):
+    _, packed = make_case(k, n, bits, hbits, frac)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w64 = dequantize(packed).double()
+    for m in MS:
+        for with_bias, strided in ((False, False), (True, True), (True, False), (False, True)):
+            b = bias if with_bias else None
+            x = make_x(m, k, dtype, strided, seed=m)
+            y = run_poisoned(cpu_matmul.packed_matmul_cpu, x, packed, b)
+            check_close(y, x, packed, b, w64)
+            # The oracle agrees within one output rounding (both accumulate in fp32).
+            ref = packed_matmul_reference(x, packed, b)
+            scale = ref.float().abs().max().clamp_min(1.0)
+            assert float((y.float() - ref.float()).abs().max() / scale) <= 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("bits,hbits", WIDTHS)
+@pytest.mark.parametrize("frac", [0.0, 0.5, 1.0])
+def test_cpu_paths_agree_across_m_threshold(bits, hbits, frac):
+    """Streaming kernel, dequantize-and-BLAS (tiny scratch: many column blocks) and the torch twin."""
+    _, packed = make_case(172, 80, bits, hbits, frac, seed=2)
+    bias = torch.randn(80)
+    for m in (1, 5, 16, 17, 40):
+        x = make_x(m, 172, torch.float32, strided=m % 2 == 1)
+        y_stream = run_poisoned(cpu_matmul.packed_matmul_cpu, x, packed, bias, small_m=64)
+        y_blas = run_poisoned(cpu_matmul.packed_matmul_cpu, x, packed, bias, small_m=0, scratch_bytes=1)
+        y_torch = run_poisoned(cpu_matmul.packed_matmul_torch, x, packed, bias, k_tile=32)
+        for y in (y_stream, y_blas, y_torch):
+            check_close(y, x, packed, bias)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 100])
+def test_threads_agree(m):
+    """Column tiles are split across threads, each computed whole: any thread count gives the same bits."""
+    _, packed = make_case(576, 592, 2, 8, 0.1)
+    x = torch.randn(m, 576)
+    one = cpu_matmul.packed_matmul_cpu(x, packed)
+    torch.set_num_threads(2)
+    try:
+        two = cpu_matmul.packed_matmul_cpu(x, packed)
+    finally:
+        torch.set_num_threads(1)
+    if m <= cpu_matmul.SMALL_M:
+        assert torch.equal(one, two)
+    check_close(two, x, packed, None)
+
+
+def test_cpu_matmul_batched_input_and_fallback(monkeypatch):
+    _, packed = make_case(208, 48, 2, 8, 0.1)
+    x = torch.randn(2, 3, 208, dtype=torch.bfloat16)
+    y = cpu_matmul.packed_matmul_cpu(x, packed)
+    assert y.shape == (2, 3, 48)
+    check_close(y.reshape(6, 48), x.reshape(6, 208), packed, None)
+    # Without the extension the torch twin answers.
+    monkeypatch.setattr(cpu_matmul, "_ext", None)
+    monkeypatch.setattr(cpu_matmul, "_ext_error", "simulated: no compiler")
+    assert cpu_matmul.cpu_backend() == "torch"
+    check_close(cpu_matmul.packed_matmul_cpu(x, packed).reshape(6, 48), x.reshape(6, 208), packed, None)
+
+
+def test_extension_builds_here():
+    """CI and this machine have gcc and Python headers: the C++ path must actually be the one tested."""
+    assert cpu_matmul.cpu_backend() == "cpp", cpu_matmul.ext_error()
+
+
+def test_packed_linear_holds_no_dequantized_weight():
+    spec, packed = make_case(172, 48, 2, 8, 0.1)
+    layer = PackedLinear.from_packed(packed, torch.randn(48))
+    before = {name: (t.dtype, tuple(t.shape)) for name, t in layer.named_buffers()}
+    x = torch.randn(3, 172)
+    for xx in (x, x[:1], torch.randn(40, 172)):
+        check_close(layer(xx), xx, packed, layer.bias)
+    after = {name: (t.dtype, tuple(t.shape)) for name, t in layer.named_buffers()}
+    assert after == before and not list(layer.parameters())
+    packed_bytes = packed.nbytes + layer.bias.numel() * layer.bias.element_size()
+    assert sum(t.numel() * t.element_size() for t in layer.buffers()) == packed_bytes
+    for name, value in vars(layer).items():  # no tensor attribute of weight size sneaked in either
+        if isinstance(value, torch.Tensor):
+            assert value.numel() < spec.in_features * spec.out_features, name
+    for t in layer.buffers():
+        assert not (t.is_floating_point() and t.numel() >= spec.in_features * spec.out_features)
+
+
+def test_can_implement_reasons():
+    spec = PackSpec(64, 32)
+    assert can_implement(spec, "cpu") == (True, "cpu")
+    ok, reason = can_implement(spec, "meta")
+    assert not ok and "meta" in reason
+    ok, reason = can_implement(PackSpec(1 << 16, 1 << 16), "cuda")
+    assert not ok and ("int32" in reason or "triton" in reason)

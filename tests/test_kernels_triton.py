@@ -1,0 +1,135 @@
+"""Triton GEMV and GEMM kernels against the reference and a float64 product.
+
+On a GPU the cases run directly on CUDA. Without one they run on the CPU under TRITON_INTERPRET=1, which must be
+set before triton is imported: `test_triton_kernels_interpreted` re-runs this file in a subprocess with it set,
+so the rest of the suite never sees the variable. The interpreter is slow, so the cases are a covering subset
+(every width pair x dtype, with shapes, salient fractions, bias, strides, M and configs rotated through them)
+rather than the full cross product that tests/test_kernels_cpu.py runs on the CPU path.
+
+Known interpreter limits (triton 3.9): tl.dot on bf16 tiles multiplies raw bits, so bf16 dots run in fp32 when
+interpreted (kernels.triton_autotune.dot_in_fp32); fp32 -> bf16 stores truncate, hence the bf16 tolerance.
+"""
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_kernels_cpu import TOL, check_close, make_case, make_x
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+RUN_HERE = INTERPRET or ON_GPU
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_triton = pytest.mark.skipif(not RUN_HERE, reason="run via test_triton_kernels_interpreted (no GPU)")
+
+WIDTHS = [(2, 2), (2, 8), (4, 4), (4, 8)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128 x 5*16; 13*16 x 3*128
+FRACS = [0.0, 0.04, 0.5, 1.0]
+
+
+def _cases(ms):
+    """Each (widths, dtype) pair once per M, the other axes rotated so that every value appears several times."""
+    out = []
+    for i, ((bits, hbits), dtype, m) in enumerate(itertools.product(WIDTHS, DTYPES, ms)):
+        k, n = SHAPES[i % len(SHAPES)]
+        out.append(pytest.param(bits, hbits, dtype, m, k, n, FRACS[i % len(FRACS)], i % 2 == 0, i % 3 == 1,
+                                id=f"b{bits}h{hbits}-{str(dtype)[6:]}-m{m}-{k}x{n}-f{FRACS[i % len(FRACS)]}"
+                                   f"{'-bias' if i % 2 == 0 else ''}{'-strided' if i % 3 == 1 else ''}"))
+    return out
+
+
+def _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
+    _, packed = make_case(k, n, bits, hbits, frac, seed=m)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(dtype) if with_bias else None
+    x = make_x(m, k, dtype, strided, seed=k)
+    return packed, bias, x
+
+
+def _check(kernel, packed, bias, x, config):
+    """Run on DEVICE into a NaN-poisoned out=, compare with float64 and the reference on the CPU."""
+    from kernels.reference import packed_matmul_reference
+
+    pd, xd = packed.to(DEVICE), x.to(DEVICE)
+    bd = None if bias is None else bias.to(DEVICE)
+    out = torch.full((*x.shape[:-1], packed.spec.out_features), float("nan"), dtype=x.dtype, device=DEVICE)
+    y = kernel(xd, pd, bd, out=out, config=config)
+    assert y.data_ptr() == out.data_ptr()
+    y = out.cpu()
+    check_close(y, x, packed, bias)
+    ref = packed_matmul_reference(x, packed, bias)
+    scale = ref.float().abs().max().clamp_min(1.0)
+    assert float((y.float() - ref.float()).abs().max() / scale) <= 2 * TOL[x.dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided", _cases([1, 3]))
+def test_gemv(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
+    from kernels.triton_autotune import KernelConfig
+    from kernels.triton_gemv import GEMV_CONFIGS, packed_gemv
+
+    packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided)
+    # The first curated config, and a narrow split-K one (atomics into the fp32 workspace).
+    configs = [GEMV_CONFIGS[0], KernelConfig({"BLOCK_N": 32, "BLOCK_R": 16, "SPLIT_K": 3})]
+    for cfg in configs if (m == 1 or ON_GPU) else configs[1:]:
+        _check(packed_gemv, packed, bias, x, cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided", _cases([17]))
+def test_gemm(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
+    from kernels.triton_autotune import KernelConfig
+    from kernels.triton_gemm import packed_gemm
+
+    packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided)
+    _check(packed_gemm, packed, bias, x, KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}))
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,hbits", [(2, 8), (4, 4)])
+def test_gemm_m257_and_curated_config(bits, hbits):
+    from kernels.triton_gemm import GEMM_CONFIGS, packed_gemm
+
+    packed, bias, x = _setup(bits, hbits, torch.float16, 257, 172, 80, 0.04, True, True)
+    _check(packed_gemm, packed, bias, x, GEMM_CONFIGS[0])
+
+
+@needs_triton
+def test_gemv_m16_and_batched_shape():
+    from kernels.triton_gemv import packed_gemv
+
+    packed, bias, x = _setup(2, 8, torch.float16, 16, 208, 48, 0.5, True, False)
+    _check(packed_gemv, packed, bias, x, None)  # config None: the tuner's pick (first config off-GPU)
+    y = packed_gemv(x.view(2, 8, 208).to(DEVICE), packed.to(DEVICE), bias.to(DEVICE))
+    assert y.shape == (2, 8, 48)
+
+
+@needs_triton
+def test_packed_linear_dispatches_to_triton_on_gpu():
+    if not ON_GPU:
+        pytest.skip("PackedLinear sends CPU tensors to the CPU kernel; the CUDA route needs a GPU")
+    from kernels.packed_linear import PackedLinear
+
+    packed, bias, _ = _setup(2, 8, torch.float16, 1, 384, 80, 0.04, True, False)
+    layer = PackedLinear.from_packed(packed, bias).to(DEVICE)
+    for m in (1, 5, 40):
+        x = torch.randn(m, 384, dtype=torch.float16)
+        check_close(layer(x.to(DEVICE)).cpu(), x, packed, bias)
+
+
+@pytest.mark.skipif(RUN_HERE, reason="the kernel cases run directly in this process")
+def test_triton_kernels_interpreted():
+    """Every case above, on the CPU under TRITON_INTERPRET=1, in a child process."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-o", "addopts=", "-q",
+           "-p", "no:cacheprovider", "-k", "not interpreted"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    tail = (r.stdout[-6000:] + "\n" + r.stderr[-3000:]).strip()
+    print(tail)
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and "failed" not in r.stdout, tail
