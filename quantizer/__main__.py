@@ -1,0 +1,119 @@
+"""python -m quantizer MODEL --out DIR [...]: quantize a Llama-family HF model into a mamp checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from quantizer.config import METHODS, QuantSpec, SpecError
+
+DEFAULTS = QuantSpec()
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit code 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m quantizer", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("model", help="local HF folder or hub id (Llama, Mistral, Qwen2, SmolLM)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
+    p.add_argument("--bits", type=int, choices=(2, 4), default=DEFAULTS.bits)
+    p.add_argument("--salient-bits", type=int, choices=(2, 4, 8), default=None,
+                   help="width of a salient code (each the mean of salient_bits/bits weights); default: bits")
+    p.add_argument("--salient-fraction", type=float, default=None,
+                   help=f"salient groups per 16-row block as a fraction of out_features (default {DEFAULTS.salient_fraction})")
+    p.add_argument("--top-k", type=int, default=None, help="salient groups per 16-row block (instead of a fraction)")
+    p.add_argument("--calib", default=DEFAULTS.calib, help="calibration text file, or c4")
+    p.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples)
+    p.add_argument("--seqlen", type=int, default=DEFAULTS.seqlen)
+    p.add_argument("--group-size", type=int, default=DEFAULTS.group_size)
+    p.add_argument("--salient-group-size", type=int, default=DEFAULTS.salient_group_size)
+    p.add_argument("--no-mse-clip", action="store_true", help="grids span min..max (no clipping search)")
+    p.add_argument("--no-true-sequential", action="store_true",
+                   help="collect all Hessians of a layer before quantizing any of its linears")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def spec_from_args(a) -> QuantSpec:
+    if a.method != "mamp" and (a.salient_fraction is not None or a.top_k is not None or a.salient_bits is not None):
+        raise SpecError(f"--salient-bits/--salient-fraction/--top-k only apply to --method mamp, not {a.method}")
+    if a.salient_fraction is not None and a.top_k is not None:
+        raise SpecError("give --salient-fraction or --top-k, not both")
+    kw = {}
+    if a.salient_fraction is not None:
+        kw["salient_fraction"] = a.salient_fraction
+    return QuantSpec(method=a.method, bits=a.bits, salient_bits=a.salient_bits, top_k=a.top_k,
+                     group_size=a.group_size, salient_group_size=a.salient_group_size, mse_clip=not a.no_mse_clip,
+                     true_sequential=not a.no_true_sequential, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
+                     seed=a.seed, **kw)
+
+
+def run(a) -> int:
+    import torch
+
+    from quantizer.calibration import calibration_windows, load_text
+    from quantizer.checkpoint import check_output, save_checkpoint
+    from quantizer.pipeline import check_model, quantize_model
+    from quantizer.report import format_summary, summarize
+
+    spec = spec_from_args(a)
+    check_output(a.out, a.overwrite)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("--device cuda but no CUDA device is available")
+    if spec.method != "rtn" and spec.calib != "c4":
+        load_text(spec.calib)  # fail on an unreadable file before loading the model
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.time()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keep stderr for our progress bar and a one-line error
+    hf_logging.disable_progress_bar()
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(a.model)
+    except (OSError, ValueError, KeyError) as e:
+        raise OSError(f"cannot load model {a.model}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+    check_model(model)
+    windows = None
+    if spec.method != "rtn":
+        windows = calibration_windows(tok, spec.calib, spec.nsamples, spec.seqlen, spec.seed)
+    qm = quantize_model(model, spec, windows, device=a.device)
+    summary = summarize(qm, seconds=time.time() - t0)
+    summary["model"] = a.model
+    save_checkpoint(qm, tok, a.out, overwrite=a.overwrite, extra=summary)
+    print(format_summary(summary))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from quantizer.calibration import CalibrationError
+    from quantizer.checkpoint import CheckpointError
+    from quantizer.pipeline import UnsupportedModel
+
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except (UsageError, SpecError, CalibrationError, CheckpointError, UnsupportedModel, OSError) as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Save a quantized model as a checkpoint folder, and load it back with PackedLinear layers.
+
+Folder layout: config.json (the HF config plus `quantization_config`), model.safetensors (packed tensors of every
+quantized linear under `<module>.qweight|bitmap|scales|zeros|hscales|hzeros[|bias]`, and every other tensor
+unchanged), generation_config.json, the tokenizer files with the chat template, and manifest.json (size and
+sha256 of every other file). It is written to `DIR.tmp-XXXX` and renamed at the end, so an interrupted run never
+leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kernels.packed_linear import PackedLinear
+from kernels.packing import FORMAT_VERSION, TENSOR_NAMES, PackSpec
+
+QUANT_METHOD = "mamp"
+WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a loadable mamp checkpoint, or an output folder we may not write."""
+
+
+def quantization_config(qm) -> dict:
+    """The `quantization_config` entry of config.json for a pipeline.QuantizedModel."""
+    spec = qm.spec
+    layers = {name: p.spec.to_dict() for name, p in qm.packed.items()}
+    stored = sum(p.spec.stored_bits() for p in qm.packed.values())
+    weights = sum(p.spec.in_features * p.spec.out_features for p in qm.packed.values())
+    sal = sum(s.salient_groups for s in qm.stats)
+    groups = sum(s.groups for s in qm.stats)
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "method": spec.method,
+        "bits": spec.bits,
+        "salient_bits": spec.salient_bits,
+        "group_size": spec.group_size,
+        "salient_group_size": spec.salient_group_size,
+        "salient_fraction": spec.salient_fraction,
+        "top_k": spec.top_k,
+        "salient_group_fraction": sal / groups if groups else 0.0,
+        "bits_per_weight": stored / weights if weights else 0.0,
+        "spec": spec.to_dict(),
+        "layers": layers,
+    }
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} exists (pass --overwrite to replace it)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_tensors(qm) -> dict[str, torch.Tensor]:
+    """Packed tensors of the quantized linears plus every other tensor of the model (tied ones once)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in qm.packed.items():
+        for t, v in p.tensors().items():
+            tensors[f"{name}.{t}"] = v.detach().cpu().contiguous()
+        if qm.biases.get(name) is not None:
+            tensors[f"{name}.bias"] = qm.biases[name].detach().cpu().contiguous()
+    skip = {f"{name}.{t}" for name in qm.packed for t in ("weight", "bias")}
+    seen = set()
+    for key, v in qm.model.state_dict(keep_vars=False).items():
+        if key in skip:
+            continue
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:  # tied (lm_head = embed_tokens): stored once, re-tied from the config on load
+            continue
+        seen.add(ptr)
+        tensors[key] = v.detach().cpu().contiguous().clone()
+    return tensors
+
+
+def save_checkpoint(qm, tokenizer, out: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the checkpoint folder `out` atomically. extra: more JSON written as quantization_report.json."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        save_file(_state_tensors(qm), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        config = qm.model.config.to_dict()
+        config["quantization_config"] = quantization_config(qm)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        gen = getattr(qm.model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "quantization_report.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quantization_config(path: str | Path) -> dict | None:
+    """The mamp quantization_config of a folder, or None for an ordinary (unquantized) HF checkpoint."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    q = json.loads(cfg.read_text()).get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """Load a mamp checkpoint folder -> (model, tokenizer).
+
+    The model is the HF architecture from config.json, built without allocating its float weights, with every
+    quantized nn.Linear replaced by kernels.packed_linear.PackedLinear holding the packed buffers. Unquantized
+    tensors are cast to `dtype`; packed tensors keep their stored dtypes. The model is in eval mode on `device`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg.pop("quantization_config", None)
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path} is not a mamp checkpoint (no quantization_config with quant_method 'mamp')")
+    if int(q.get("format_version", -1)) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {q.get('format_version')} is not {FORMAT_VERSION}")
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    packed_keys = set()
+    for name, d in q["layers"].items():
+        spec = PackSpec.from_dict(d)
+        has_bias = f"{name}.bias" in state
+        _set_module(model, name, PackedLinear(spec, bias=has_bias, dtype=dtype, device="meta"))
+        packed_keys.update(f"{name}.{t}" for t in TENSOR_NAMES)
+    for k, v in state.items():
+        if k not in packed_keys and v.is_floating_point():
+            state[k] = v.to(dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in the file: rebuild those modules on the real device.
+    for name, m in list(model.named_modules()):
+        if any(b.is_meta for b in m.buffers(recurse=False)) and not isinstance(m, PackedLinear):
+            with torch.device(device):
+                _set_module(model, name, type(m)(config=model.config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: tensors missing from {WEIGHTS_NAME}: {left[:5]}")
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer

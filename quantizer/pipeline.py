@@ -1,0 +1,310 @@
+"""Layer-by-layer calibration and quantization of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM).
+
+Inputs of decoder layer i come from the already quantized layers 0..i-1, and only one layer's activations are
+held at a time. With true_sequential (default) the sublayers are quantized in the order q,k,v -> o -> gate,up ->
+down, and each Hessian is collected from inputs produced by the already quantized sublayers before it. Every
+linear runs exactly once per calibration token (attention too): the layer is evaluated stage by stage
+(norm -> attention core -> o + residual -> norm -> gate/up -> down + residual) and the stage outputs kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kernels.packing import PackedWeight, PackSpec
+from quantizer.config import QuantSpec
+from quantizer.saliency import group_saliency, top_k_mask
+from quantizer.solver import hinv_diagonal, solve
+
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+OUT = ("self_attn.o_proj",)
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+DOWN = ("mlp.down_proj",)
+STAGES = (ATTN, OUT, GATE_UP, DOWN)  # quantization order
+LINEARS = ATTN + OUT + GATE_UP + DOWN
+LAYERS_PATH = "model.layers"
+
+
+class UnsupportedModel(ValueError):
+    """The model has no decoder layers of the supported (Llama-family) shape, or unusable weights."""
+
+
+@dataclass
+class LinearStats:
+    layer: int
+    name: str
+    salient_groups: int
+    groups: int
+    seconds: float
+
+
+@dataclass
+class QuantizedModel:
+    """What the pipeline produced: the fake-quantized model (weights = dequantize(packed)) and the packed layers."""
+
+    model: nn.Module
+    spec: QuantSpec
+    packed: dict[str, PackedWeight]  # full module name -> packed weight
+    biases: dict[str, torch.Tensor | None]
+    stats: list[LinearStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Stop(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+def _run_until(module: nn.Module, fn):
+    """Run fn() and return (args, kwargs) of module's forward call, stopping the computation there."""
+    def hook(_m, args, kwargs):
+        raise _Stop(args, kwargs)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        fn()
+    except _Stop as s:
+        return s.args_, s.kwargs_
+    finally:
+        handle.remove()
+    raise UnsupportedModel(f"{module.__class__.__name__} was never called")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    try:
+        layers = model.get_submodule(LAYERS_PATH)
+    except AttributeError:
+        raise UnsupportedModel("no supported linear layers: the model has no `model.layers` decoder stack "
+                               "(supported: Llama-family causal LMs)") from None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedModel("no supported linear layers: `model.layers` is empty")
+    return layers
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise UnsupportedModel unless every decoder layer holds exactly the seven Llama linears and all weights
+    are finite."""
+    for i, layer in enumerate(decoder_layers(model)):
+        found = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        missing = [n for n in LINEARS if n not in found]
+        if missing:
+            raise UnsupportedModel(f"no supported linear layers: decoder layer {i} lacks {', '.join(missing)}")
+        extra = sorted(found - set(LINEARS))
+        if extra:
+            raise UnsupportedModel(f"decoder layer {i} has linear layers this quantizer does not know: {', '.join(extra)}")
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise UnsupportedModel(f"weight {name} contains NaN or inf")
+
+
+class HessianAccumulator:
+    """Running H = 2 X X^T / n over the rows of the inputs seen so far (float32, [K, K])."""
+
+    def __init__(self, k: int, device) -> None:
+        self.h = torch.zeros(k, k, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        t = x.shape[0]
+        self.h *= self.n / (self.n + t)
+        self.n += t
+        x = x * math.sqrt(2 / self.n)
+        self.h.addmm_(x.t(), x)
+
+
+class LayerStages:
+    """One decoder layer evaluated stage by stage; equals layer(x, **kwargs) (checked by `verify`)."""
+
+    def __init__(self, layer: nn.Module, kwargs: dict) -> None:
+        self.layer, self.kwargs = layer, kwargs
+
+    def attn_in(self, x):
+        return self.layer.input_layernorm(x)
+
+    def attn_core(self, x):
+        """Input of o_proj: attention output before the output projection."""
+        args, kwargs = _run_until(self.layer.self_attn.o_proj,
+                                  lambda: self.layer.self_attn(hidden_states=self.attn_in(x), **self.kwargs))
+        return args[0] if args else kwargs["input"]
+
+    def mid(self, x, core):
+        return x + self.layer.self_attn.o_proj(core)
+
+    def mlp_in(self, mid):
+        return self.layer.post_attention_layernorm(mid)
+
+    def mlp_act(self, mid):
+        """Input of down_proj."""
+        args, kwargs = _run_until(self.layer.mlp.down_proj, lambda: self.layer.mlp(self.mlp_in(mid)))
+        return args[0] if args else kwargs["input"]
+
+    def out(self, mid, act):
+        return mid + self.layer.mlp.down_proj(act)
+
+    @torch.no_grad()
+    def verify(self, x) -> None:
+        want = self.layer(x, **self.kwargs)
+        want = want[0] if isinstance(want, tuple) else want
+        mid = self.mid(x, self.attn_core(x))
+        got = self.out(mid, self.mlp_act(mid))
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+            raise UnsupportedModel("decoder layer does not follow the Llama structure (norm -> attention -> "
+                                   "residual -> norm -> gated MLP -> residual)")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, windows: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering decoder layer 0 [n, T, d] and the keyword arguments the model passes its layers."""
+    layer0 = decoder_layers(model)[0]
+    inps, kw = [], None
+    for row in windows:
+        args, kwargs = _run_until(layer0, lambda: model(row[None].to(device), use_cache=False))
+        inps.append((args[0] if args else kwargs.pop("hidden_states"))[0])
+        if kw is None:
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            kw["past_key_values"] = None
+            kw["use_cache"] = False
+    return torch.stack(inps), kw
+
+
+def quantize_linears(layer: nn.Module, names: tuple[str, ...], hessian: torch.Tensor | None, spec: QuantSpec
+                     ) -> dict[str, tuple[PackedWeight, int]]:
+    """Quantize linears sharing one input (and one Hessian) together; replace their weights by the dequantized
+    ones. Returns name -> (packed, salient groups)."""
+    mods = [layer.get_submodule(n) for n in names]
+    k = mods[0].in_features
+    weights = [m.weight.detach().float() for m in mods]
+    n_total = sum(w.shape[0] for w in weights)
+    pspec = PackSpec(k, n_total, bits=spec.bits, salient_bits=spec.salient_bits, group_size=spec.group_size,
+                     salient_group_size=spec.salient_group_size)
+    masks = []
+    hdiag = hinv_diagonal(hessian, spec.percdamp) if (spec.uses_salient and hessian is not None) else None
+    for w in weights:
+        kk = spec.salient_k(w.shape[0])
+        if kk and hdiag is not None:
+            masks.append(top_k_mask(group_saliency(w, hdiag), kk))
+        else:
+            masks.append(torch.zeros(w.shape[0], pspec.n_groups, dtype=torch.bool, device=w.device))
+    res = solve(torch.cat(weights), hessian, pspec, torch.cat(masks), percdamp=spec.percdamp,
+                block_size=spec.block_size, mse_clip=spec.mse_clip)
+    out, row = {}, 0
+    for name, m, mask in zip(names, mods, masks):
+        n = m.out_features
+        sub = PackSpec(k, n, bits=spec.bits, salient_bits=spec.salient_bits, group_size=spec.group_size,
+                       salient_group_size=spec.salient_group_size)
+        tensors = {t: v[:, row:row + n].contiguous() for t, v in res.packed.tensors().items()}
+        m.weight.data.copy_(res.weight[row:row + n].to(m.weight.dtype))
+        out[name] = (PackedWeight(sub, **tensors), int(mask.sum()))
+        row += n
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | None, device="cpu",
+                   progress: bool = True) -> QuantizedModel:
+    """Quantize every linear of every decoder layer in place (fake-quant) and return the packed layers.
+
+    windows: [nsamples, seqlen] calibration token ids (unused, may be None, for rtn).
+    """
+    t0 = time.time()
+    check_model(model)
+    model.eval()
+    layers = decoder_layers(model)
+    result = QuantizedModel(model=model, spec=spec, packed={}, biases={})
+    calibrate = spec.method != "rtn"
+    if calibrate:
+        if windows is None:
+            raise ValueError(f"method {spec.method} needs calibration windows")
+        model.to(device)
+        x, kw = capture_inputs(model, windows, device)
+    bar = tqdm(total=len(layers), desc=f"{spec.method} {spec.bits}-bit", unit="layer", disable=not progress)
+    for li, layer in enumerate(layers):
+        done: dict[str, tuple[PackedWeight, int]] = {}
+
+        def quantize(names, hess):
+            t1 = time.time()
+            bar.set_postfix_str(f"layer {li} {'/'.join(n.split('.')[-1] for n in names)}")
+            got = quantize_linears(layer, names, hess, spec)
+            dt = (time.time() - t1) / len(names)
+            for n, (p, sal) in got.items():
+                done[n] = (p, sal)
+                result.stats.append(LinearStats(li, n, sal, p.spec.n_groups * p.spec.out_features, dt))
+
+        if not calibrate:
+            for names in STAGES:
+                quantize(names, None)
+        else:
+            st = LayerStages(layer, kw)
+            if li == 0:
+                st.verify(x[:1])
+            x = _quantize_layer_calibrated(st, x, spec, quantize)
+        prefix = f"{LAYERS_PATH}.{li}."
+        for n, (p, _) in done.items():
+            result.packed[prefix + n] = p
+            b = layer.get_submodule(n).bias
+            result.biases[prefix + n] = None if b is None else b.detach().clone()
+        bar.update(1)
+    bar.close()
+    result.seconds = time.time() - t0
+    return result
+
+
+def _hessians(fn_inputs, n, k, device) -> torch.Tensor:
+    acc = HessianAccumulator(k, device)
+    for s in range(n):
+        acc.add(fn_inputs(s))
+    return acc.h
+
+
+def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec, quantize) -> torch.Tensor:
+    """Collect Hessians stage by stage, quantize, and return the layer's (quantized) outputs for all samples."""
+    n, dev = x.shape[0], x.device
+    d = x.shape[-1]
+    lay = st.layer
+    if not spec.true_sequential:  # all Hessians from the unquantized layer, then quantize everything
+        hs = [HessianAccumulator(lay.get_submodule(s[0]).in_features, dev) for s in STAGES]
+        for s in range(n):
+            core = st.attn_core(x[s:s + 1])
+            mid = st.mid(x[s:s + 1], core)
+            hs[0].add(st.attn_in(x[s:s + 1]))
+            hs[1].add(core)
+            hs[2].add(st.mlp_in(mid))
+            hs[3].add(st.mlp_act(mid))
+        for names, acc in zip(STAGES, hs):
+            quantize(names, acc.h)
+            acc.h = None
+        for s in range(n):
+            mid = st.mid(x[s:s + 1], st.attn_core(x[s:s + 1]))
+            x[s:s + 1] = st.out(mid, st.mlp_act(mid))
+        return x
+    quantize(ATTN, _hessians(lambda s: st.attn_in(x[s:s + 1]), n, d, dev))
+    core = torch.empty_like(x[..., :lay.self_attn.o_proj.in_features])
+    acc = HessianAccumulator(core.shape[-1], dev)
+    for s in range(n):
+        core[s:s + 1] = st.attn_core(x[s:s + 1])
+        acc.add(core[s:s + 1])
+    quantize(OUT, acc.h)
+    del acc
+    mid = core if core.shape[-1] == d else torch.empty_like(x)  # reuse the buffer when widths agree
+    acc = HessianAccumulator(d, dev)
+    for s in range(n):
+        mid[s:s + 1] = st.mid(x[s:s + 1], core[s:s + 1])
+        acc.add(st.mlp_in(mid[s:s + 1]))
+    del core
+    quantize(GATE_UP, acc.h)
+    ffn = lay.mlp.down_proj.in_features
+    act = torch.empty(*x.shape[:-1], ffn, device=dev, dtype=x.dtype)
+    acc = HessianAccumulator(ffn, dev)
+    for s in range(n):
+        act[s:s + 1] = st.mlp_act(mid[s:s + 1])
+        acc.add(act[s:s + 1])
+    quantize(DOWN, acc.h)
+    del acc
+    for s in range(n):
+        x[s:s + 1] = st.out(mid[s:s + 1], act[s:s + 1])
+    return x

@@ -1,0 +1,80 @@
+"""Summary of a quantization run: exact bits per weight, bytes vs bf16, time, peak memory, salient fractions."""
+from __future__ import annotations
+
+import resource
+import sys
+from collections import defaultdict
+
+from torch import nn
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident set size of this process (getrusage maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def summarize(qm, seconds: float | None = None) -> dict:
+    """Numbers of a pipeline.QuantizedModel. Bits count everything the packed format stores for the quantized
+    linears (words, bitmap, both grids' scales and zeros; biases excluded); the whole-model figures add every
+    other tensor at 16 bits (what it would take in bf16), tied tensors once."""
+    packed_bits = sum(p.spec.stored_bits() for p in qm.packed.values())
+    qweights = sum(p.spec.in_features * p.spec.out_features for p in qm.packed.values())
+    bias = sum(b.numel() for b in qm.biases.values() if b is not None)
+    quantized_names = set(qm.packed)
+    other, seen = 0, set()
+    for name, mod in qm.model.named_modules():
+        if name in quantized_names:
+            continue
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            key = (t.untyped_storage().data_ptr(), t.numel())
+            if key in seen or not t.is_floating_point() or not isinstance(mod, nn.Module):
+                continue
+            seen.add(key)
+            other += t.numel()
+    # Non-persistent buffers (rotary inv_freq) are not weights.
+    other -= sum(b.numel() for n, b in qm.model.named_buffers() if n.endswith("inv_freq"))
+    sal_by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for s in qm.stats:
+        kind = s.name.split(".")[-1]
+        sal_by_type[kind][0] += s.salient_groups
+        sal_by_type[kind][1] += s.groups
+    q_bytes = packed_bits / 8 + 2 * bias
+    bf16_q = 2 * (qweights + bias)
+    return {
+        "method": qm.spec.method,
+        "bits": qm.spec.bits,
+        "salient_bits": qm.spec.salient_bits,
+        "salient_fraction": qm.spec.salient_fraction,
+        "top_k": qm.spec.top_k,
+        "group_size": qm.spec.group_size,
+        "salient_group_size": qm.spec.salient_group_size,
+        "mse_clip": qm.spec.mse_clip,
+        "quantized_layers": len(qm.packed),
+        "quantized_weights": qweights,
+        "bits_per_weight": packed_bits / qweights if qweights else 0.0,
+        "quantized_bytes": int(q_bytes),
+        "quantized_bytes_bf16": bf16_q,
+        "model_bytes": int(q_bytes + 2 * other),
+        "model_bytes_bf16": bf16_q + 2 * other,
+        "salient_group_fraction_by_type": {k: v[0] / v[1] if v[1] else 0.0 for k, v in sorted(sal_by_type.items())},
+        "seconds": qm.seconds if seconds is None else seconds,
+        "peak_memory_bytes": peak_memory_bytes(),
+    }
+
+
+def format_summary(s: dict) -> str:
+    mb = 1 << 20
+    lines = [
+        f"method {s['method']}  bits {s['bits']}  salient bits {s['salient_bits']}  salient fraction "
+        f"{s['salient_fraction']}  group {s['group_size']}/{s['salient_group_size']}  mse clip {s['mse_clip']}",
+        f"bits per weight (words + bitmap + scales + zeros, both grids): {s['bits_per_weight']:.4f}",
+        f"quantized layers: {s['quantized_layers']} linears, {s['quantized_bytes'] / mb:.2f} MiB vs "
+        f"{s['quantized_bytes_bf16'] / mb:.2f} MiB bf16 ({100 * s['quantized_bytes'] / s['quantized_bytes_bf16']:.1f}%)",
+        f"whole model (other tensors at bf16): {s['model_bytes'] / mb:.2f} MiB vs {s['model_bytes_bf16'] / mb:.2f} MiB "
+        f"bf16 ({100 * s['model_bytes'] / s['model_bytes_bf16']:.1f}%)",
+        "salient groups by layer type: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in
+                                                      s["salient_group_fraction_by_type"].items()),
+        f"time {s['seconds']:.1f} s, peak memory {s['peak_memory_bytes'] / (1 << 30):.2f} GiB",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Quantize -> save -> load_checkpoint -> logits equal the fake-quantized model, on tiny Llamas and stories260K."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.packed_linear import PackedLinear
+from kernels.packing import FORMAT_VERSION, dequantize
+from quantizer.checkpoint import load_checkpoint, save_checkpoint
+from quantizer.config import QuantSpec
+from quantizer.pipeline import LINEARS, LayerStages, capture_inputs, decoder_layers, quantize_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+STORIES = SHARED / "models" / "stories260K"
+WORDS = [f"w{i}" for i in range(500)]
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    """Serving-style forward passes (PackedLinear's fast CPU path does not support autograd)."""
+    with torch.no_grad():
+        yield
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(inter: int = 176, seed: int = 0, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_text(path: Path, n_words: int, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_words,), generator=g)
+    path.write_text(" ".join(WORDS[i] for i in idx.tolist()))
+    return path
+
+
+def save_tiny(folder: Path, inter: int = 176, tie: bool = True) -> Path:
+    tiny_llama(inter, tie=tie).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+SPECS = [
+    QuantSpec(method="mamp", bits=2, salient_bits=8, salient_fraction=0.1, group_size=32, salient_group_size=32),
+    QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.1),
+    QuantSpec(method="mamp", bits=4, salient_bits=4, top_k=3, group_size=64),
+    QuantSpec(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False),
+    QuantSpec(method="gptq", bits=2, mse_clip=False),
+    QuantSpec(method="rtn", bits=4),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-b{s.bits}-h{s.salient_bits}")
+def test_save_load_matches_fake_quant(tmp_path, spec):
+    inter = 176 if spec.bits == 2 else 128
+    model = tiny_llama(inter, tie=spec.method != "rtn")
+    windows = torch.randint(3, 503, (4, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 503, (3, 17), generator=torch.Generator().manual_seed(2))
+    before = model(ids).logits
+    qm = quantize_model(model, spec, None if spec.method == "rtn" else windows, progress=False)
+    assert set(qm.packed) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
+    for name, p in qm.packed.items():  # the in-memory fake-quant weight is exactly what the packed format holds
+        assert torch.equal(model.get_submodule(name).weight, dequantize(p))
+    sal = sum(s.salient_groups for s in qm.stats)
+    assert (sal > 0) == spec.uses_salient
+    ref = model(ids).logits
+    assert not torch.allclose(ref, before)
+
+    out = save_checkpoint(qm, tiny_tokenizer(), tmp_path / "ckpt")
+    loaded, tok = load_checkpoint(out)
+    assert tok is not None and tok("w1 w2").input_ids == [4, 5]
+    packed_layers = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
+    assert len(packed_layers) == 14
+    got = loaded(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if spec.method != "rtn":
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "mamp" and cfg["format_version"] == FORMAT_VERSION
+    assert cfg["method"] == spec.method and cfg["bits"] == spec.bits and cfg["salient_bits"] == spec.salient_bits
+    assert len(cfg["layers"]) == 14 and cfg["bits_per_weight"] > spec.bits
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    for name, meta in manifest.items():
+        data = (out / name).read_bytes()
+        assert len(data) == meta["size"] and hashlib.sha256(data).hexdigest() == meta["sha256"]
+    assert not list(tmp_path.glob("ckpt.tmp-*"))
+
+
+def test_load_bf16_and_overwrite(tmp_path):
+    model = tiny_llama(128)
+    qm = quantize_model(model, QuantSpec(method="rtn", bits=2), None, progress=False)
+    out = save_checkpoint(qm, tiny_tokenizer(), tmp_path / "c")
+    with pytest.raises(ValueError, match="exists"):
+        save_checkpoint(qm, tiny_tokenizer(), out)
+    save_checkpoint(qm, tiny_tokenizer(), out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    loaded, _ = load_checkpoint(out, dtype=torch.bfloat16)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    y = loaded(torch.tensor([[5, 6, 7]])).logits
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_stages_equal_layer():
+    model = tiny_llama(176)
+    x, kw = capture_inputs(model, torch.randint(0, 512, (2, 24)), "cpu")
+    for layer in decoder_layers(model):
+        st = LayerStages(layer, kw)
+        st.verify(x)
+        mid = st.mid(x, st.attn_core(x))
+        x2 = st.out(mid, st.mlp_act(mid))
+        torch.testing.assert_close(x2, layer(x, **kw), rtol=1e-5, atol=1e-6)
+        x = x2
+
+
+def test_true_sequential_sees_quantized_inputs():
+    """Both orders quantize; the true-sequential layer 0 output matches a re-run of the quantized layer."""
+    windows = torch.randint(3, 503, (4, 32), generator=torch.Generator().manual_seed(1))
+    a = quantize_model(tiny_llama(), QuantSpec(method="gptq", bits=2), windows, progress=False)
+    b = quantize_model(tiny_llama(), QuantSpec(method="gptq", bits=2, true_sequential=False), windows, progress=False)
+    wa = a.model.model.layers[1].self_attn.o_proj.weight
+    wb = b.model.model.layers[1].self_attn.o_proj.weight
+    assert not torch.equal(wa, wb)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="shared stories260K absent")
+def test_stories260k_cli_end_to_end(tmp_path, capsys):
+    """The real tiny Llama (FFN 172: padded K) through the CLI, then load_checkpoint and the evaluator."""
+    from quantizer.__main__ import main
+    from quantizer.eval import main as eval_main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Once upon a time there was a little girl named Lily. She liked to play in the park. " * 60)
+    out = tmp_path / "q"
+    rc = main([str(STORIES), "--out", str(out), "--calib", str(text), "--nsamples", "4", "--seqlen", "64",
+               "--salient-bits", "8", "--salient-fraction", "0.1"])
+    assert rc == 0, capsys.readouterr().err
+    assert "bits per weight" in capsys.readouterr().out
+    model, tok = load_checkpoint(out)
+    ids = tok("Lily went to the park", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    assert model.model.layers[0].mlp.down_proj.in_features == 172
+    assert eval_main([str(out), "--text", str(text), "--seqlen", "64", "--max-tokens", "512"]) == 0
+    printed = capsys.readouterr().out
+    assert "method: mamp checkpoint: method mamp, 2-bit, salient bits 8" in printed and "perplexity:" in printed
+    assert eval_main([str(STORIES), "--text", str(text), "--seqlen", "64", "--max-tokens", "512"]) == 0
+    assert "unquantized" in capsys.readouterr().out
+
+
+def test_perplexity_windows():
+    """Uniform logits give perplexity = vocab; windows are non-overlapping and the partial tail is dropped."""
+    from types import SimpleNamespace
+
+    from quantizer.eval import perplexity
+
+    seen = []
+
+    def model(ids, use_cache=False):
+        seen.append(ids.clone())
+        return SimpleNamespace(logits=torch.zeros(1, ids.shape[1], 37))
+
+    ppl, count = perplexity(model, torch.arange(100) % 37, 16, progress=False)
+    assert abs(ppl - 37) < 1e-3 and count == 6 * 15
+    assert [int(s[0, 0]) for s in seen] == [i % 37 for i in (0, 16, 32, 48, 64, 80)]
