@@ -44,7 +44,9 @@ CONFIGS: dict[str, dict | None] = {
     "mamp-b2-h2-25%": dict(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25),
     "mamp-b2-h2-50%": dict(method="mamp", bits=2, salient_bits=2, salient_fraction=0.50),
     "gptq-b2-noclip": dict(method="gptq", bits=2, mse_clip=False),
+    "mamp-b2-h2-25%-noclip": dict(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25, mse_clip=False),
     "mamp-b2-h4-5%": dict(method="mamp", bits=2, salient_bits=4, salient_fraction=0.05),
+    "mamp-b2-h4-25%": dict(method="mamp", bits=2, salient_bits=4, salient_fraction=0.25),
     "mamp-b2": dict(method="mamp", bits=2),  # the defaults
     "rtn-b4": dict(method="rtn", bits=4),
     "gptq-b4": dict(method="gptq", bits=4),

@@ -32,7 +32,13 @@ def can_implement(spec: PackSpec, device: torch.device | str) -> tuple[bool, str
 
 
 def packed_matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + bias on x's device with the best kernel that can serve it. x: [..., K]; returns [..., N]."""
+    """y = x W^T + bias on x's device with the best kernel that can serve it. x: [..., K]; returns [..., N].
+
+    Under autograd (x needs a gradient) the differentiable reference runs instead: the kernels write into
+    preallocated outputs, which autograd cannot trace. Inference (no_grad / inference_mode) never sees this.
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return packed_matmul_reference(x, packed, bias)
     if x.device.type == "cpu":  # the common serving case first: no per-call checks beyond the kernel's own
         return packed_matmul_cpu(x, packed, bias)
     ok, _ = can_implement(packed.spec, x.device)

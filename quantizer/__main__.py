@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
     p.add_argument("--bits", type=int, choices=(2, 4), default=DEFAULTS.bits)
     p.add_argument("--salient-bits", type=int, choices=(2, 4, 8), default=None,
-                   help="width of a salient code (each the mean of salient_bits/bits weights); default: bits")
+                   help="width of a salient code, each the mean of salient_bits/bits weights (default: bits; "
+                        "the paper's encoding is --bits 2 --salient-bits 8)")
     p.add_argument("--salient-fraction", type=float, default=None,
-                   help=f"salient groups per 16-row block as a fraction of out_features (default {DEFAULTS.salient_fraction})")
+                   help="salient groups per 16-row block as a fraction of out_features (default 0.25 at 2 bits, "
+                        "0.05 at 4 bits)")
     p.add_argument("--top-k", type=int, default=None, help="salient groups per 16-row block (instead of a fraction)")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration text file, or c4")
     p.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples)

@@ -99,6 +99,7 @@ def save_checkpoint(qm, tokenizer, out: str | Path, overwrite: bool = False, ext
     tmp.mkdir()
     try:
         save_file(_state_tensors(qm), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        (tmp / WEIGHTS_NAME).chmod(0o644)  # safetensors creates it 0600; a server may run as another user
         config = qm.model.config.to_dict()
         config["quantization_config"] = quantization_config(qm)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")

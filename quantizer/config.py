@@ -9,9 +9,13 @@ from dataclasses import asdict, dataclass, fields, replace
 METHODS = ("mamp", "gptq", "rtn")
 BITS = (2, 4)
 SALIENT_BITS = (2, 4, 8)
-# Default salient-code width per base width (chosen by measurement, see benchmarks/quality.py):
-# h = b, i.e. salient groups keep full resolution on a grid of their own.
+# Default salient-code width per base width, chosen by measurement (benchmarks/quality.py, SmolLM2-135M, reference
+# protocol): h = b, i.e. salient groups keep full resolution on a grid of their own. The paper's mean-of-4 8-bit
+# codes (h = 8 at b = 2) lose to plain GPTQ by orders of magnitude there; it stays available as --salient-bits 8.
 DEFAULT_SALIENT_BITS = {2: 2, 4: 4}
+# Default salient fraction per base width (same measurements): 25% of the groups at b = 2 (10%: 176, 25%: 172,
+# 50%: 203 perplexity, GPTQ 303), 5% at b = 4 (5%: 29.0, 25%: 30.1, GPTQ 30.0).
+DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05}
 PAPER_SALIENT_BITS = 8  # the paper's encoding: four 8-bit means of 4 weights per 16-weight group
 
 
@@ -24,7 +28,9 @@ class QuantSpec:
     method: str = "mamp"
     bits: int = 2
     salient_bits: int | None = None  # None: DEFAULT_SALIENT_BITS[bits] (mamp) or bits (gptq, rtn)
-    salient_fraction: float = 0.05  # K = round(fraction * out_features) salient groups per 16-row block
+    # K = round(fraction * out_features) salient groups per 16-row block; None: DEFAULT_SALIENT_FRACTION[bits].
+    # The footprint does not depend on K (the second grid is stored densely whatever K is).
+    salient_fraction: float | None = None
     top_k: int | None = None  # absolute K per 16-row block; overrides salient_fraction
     group_size: int = 128  # input rows sharing one b-bit scale/zero
     salient_group_size: int = 128  # input rows sharing one salient scale/zero
@@ -48,6 +54,8 @@ class QuantSpec:
             raise SpecError(f"salient bits must be one of {SALIENT_BITS}, got {self.salient_bits}")
         if self.salient_bits < self.bits:
             raise SpecError(f"salient bits ({self.salient_bits}) must be >= bits ({self.bits})")
+        if self.salient_fraction is None:
+            object.__setattr__(self, "salient_fraction", DEFAULT_SALIENT_FRACTION[self.bits])
         if self.method != "mamp":
             # Baselines store no salient groups (the format still carries the bitmap and the second grid).
             object.__setattr__(self, "salient_fraction", 0.0)
@@ -73,6 +81,8 @@ class QuantSpec:
 
     def salient_k(self, out_features: int) -> int:
         """Salient groups per 16-row block for a layer with `out_features` output channels."""
+        if self.salient_fraction is None:
+            object.__setattr__(self, "salient_fraction", DEFAULT_SALIENT_FRACTION[self.bits])
         if self.method != "mamp":
             return 0
         k = self.top_k if self.top_k is not None else round(self.salient_fraction * out_features)

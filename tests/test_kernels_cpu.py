@@ -166,3 +166,21 @@ def test_can_implement_reasons():
     assert not ok and "meta" in reason
     ok, reason = can_implement(PackSpec(1 << 16, 1 << 16), "cuda")
     assert not ok and ("int32" in reason or "triton" in reason)
+
+
+def test_packed_linear_under_autograd_matches_and_backpropagates():
+    """Calling a packed model with grad mode on (HF's default outside no_grad) must work and give dL/dx."""
+    from kernels.packed_linear import PackedLinear
+    from kernels.packing import PackSpec, dequantize
+    from tests.test_packing import random_packed
+
+    spec = PackSpec(48, 16, bits=2, salient_bits=2, group_size=32, salient_group_size=32)
+    packed, _ = random_packed(spec, 0.25)
+    layer = PackedLinear.from_packed(packed)
+    x = torch.randn(3, 48, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        y_fast = layer(x)
+    torch.testing.assert_close(y, y_fast, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, dequantize(packed).sum(0).expand(3, 48), rtol=1e-5, atol=1e-5)
