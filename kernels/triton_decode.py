@@ -4,8 +4,36 @@ that describes them, and decode code i of each word (both kinds computed, the bi
 A word row r of column n covers input rows r*(32/b) .. r*(32/b) + 32/b - 1, all in 16-row group r // (b/2),
 hence in one scale group and one salient scale group: scales, zeros and the bitmap bit are per word.
 """
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
+
+from kernels.packing import PackedWeight
+
+
+def check_launch_args(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                      out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared launcher checks. x: [..., K] fp16/bf16/fp32; packed tensors contiguous on x's device with the
+    shapes of spec.shapes(); bias: [N] or None; out: [..., N] in x.dtype or None (allocated).
+
+    Returns (x as [M, K], out [..., N], out as [M, N]).
+    """
+    spec = packed.spec
+    k, n = spec.in_features, spec.out_features
+    assert x.shape[-1] == k, f"x has {x.shape[-1]} features, layer expects {k}"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
+    for name, (shape, dtype) in spec.shapes().items():
+        t = getattr(packed, name)
+        assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous(), name
+        assert t.device == x.device, f"{name} on {t.device}, x on {x.device}"
+    if bias is not None:
+        assert bias.shape == (n,) and bias.is_contiguous(), tuple(bias.shape)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    assert out.shape == (*x.shape[:-1], n) and out.dtype == x.dtype and out.is_contiguous()
+    return x.reshape(-1, k), out, out.view(-1, n)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from kernels.packing import PackedWeight
 from kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from kernels.triton_decode import decode_code, load_word_rows
+from kernels.triton_decode import check_launch_args, decode_code, load_word_rows
 
 MAX_M = 16  # rows this kernel serves; PackedLinear sends larger M to the GEMM
 DOT_M = 16  # activation tile for 1 < M <= 16 (tl.dot needs 16)
@@ -82,21 +82,9 @@ def packed_gemv(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
     """
     spec = packed.spec
     k, n = spec.in_features, spec.out_features
-    assert x.shape[-1] == k, f"x has {x.shape[-1]} features, layer expects {k}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
-    for name, (shape, dtype) in spec.shapes().items():
-        t = getattr(packed, name)
-        assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous(), name
-        assert t.device == x.device, f"{name} on {t.device}, x on {x.device}"
-    x2 = x.reshape(-1, k)
+    x2, out, out2 = check_launch_args(x, packed, bias, out)
     m = x2.shape[0]
     assert 1 <= m <= MAX_M, f"GEMV serves 1..{MAX_M} rows, got {m}"
-    if bias is not None:
-        assert bias.shape == (n,) and bias.is_contiguous(), tuple(bias.shape)
-    if out is None:
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    assert out.shape == (*x.shape[:-1], n) and out.dtype == x.dtype and out.is_contiguous()
-    out2 = out.view(-1, n)
     block_m = 1 if m == 1 else DOT_M
     r = spec.qweight_rows
 
