@@ -2,10 +2,14 @@
 
     python benchmarks/kernels.py --device cpu --threads 2 --shapes smollm2 --ms 1,4,16,256,2048
     python benchmarks/kernels.py --device cuda --shapes smollm2,llama7b --ms 1,4,16,256,2048
+    python benchmarks/kernels.py --half --ms 1,4,16,256 --threads 1   # 16-bit weight (lm_head 576 x 49152)
 
 Prints a markdown table: median times (warm-up first) and ratios t(nn.Linear) / t(packed) (> 1: packed is
 faster). On a GPU also the achieved bandwidth over the bytes the packed kernel must read (words, bitmap, both
 grids' scales and zeros, activations) against the device's copy bandwidth (a large Tensor.copy_).
+
+--half times kernels.half_linear.half_matmul (fp32 activations, a bf16 or fp16 weight kept in 16 bits) against
+the same fp32 and bf16 nn.Linear, by default on SmolLM2's tied lm_head (K=576, N=49152).
 """
 from __future__ import annotations
 
@@ -20,11 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.dispatch import packed_matmul  # noqa: E402
+from kernels.half_linear import half_matmul  # noqa: E402
 from kernels.packing import PackSpec, PackedWeight, pack  # noqa: E402
 
 SHAPE_SETS = {  # (K = in_features, N = out_features)
     "smollm2": [(576, 576), (576, 1536), (1536, 576), (576, 192)],
     "llama7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
+    "lm_head": [(576, 49152)],  # SmolLM2's tied embedding / lm_head
 }
 
 
@@ -42,6 +48,8 @@ class BenchArgs:
     group_size: int = 128
     salient_frac: float = 0.05
     act_dtype: str | None = None  # packed path activations: default fp32 on CPU, bf16 on CUDA
+    half: bool = False  # time half_matmul (16-bit weight) instead of the packed kernel
+    half_dtype: str = "bfloat16"  # the 16-bit weight's dtype for --half
 
 
 def random_packed(spec: PackSpec, frac: float, device: str, seed: int = 0) -> PackedWeight:
@@ -127,7 +135,32 @@ def run(a: BenchArgs) -> list[dict]:
     return rows
 
 
+def run_half(a: BenchArgs) -> list[dict]:
+    """half_matmul (x in fp32 on CPU, bf16 on CUDA; W in a.half_dtype) vs fp32 / bf16 nn.Linear, same run."""
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    act = getattr(torch, a.act_dtype) if a.act_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for k, n in a.shapes:
+        lin32 = torch.nn.Linear(k, n, bias=False, device=device)
+        lin16 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        w = lin32.weight.detach().to(getattr(torch, a.half_dtype))
+        for m in a.ms:
+            x = torch.randn(m, k, device=device)
+            xa, x16 = x.to(act), x.to(torch.bfloat16)
+            with torch.inference_mode():
+                t_half, t32, t16 = time_calls([lambda: half_matmul(xa, w), lambda: lin32(x), lambda: lin16(x16)],
+                                              device, a.repeats, a.warmup, a.max_seconds)
+            row = {"K": k, "N": n, "M": m, "packed_us": t_half * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
+                   "vs_fp32": t32 / t_half, "vs_bf16": t16 / t_half}
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
 HEADER = "| K | N | M | packed us | fp32 us | bf16 us | fp32/packed | bf16/packed |"
+HALF_HEADER = "| K | N | M | half us | fp32 us | bf16 us | fp32/half | bf16/half |"
 
 
 def format_row(r: dict) -> str:
@@ -141,8 +174,9 @@ def format_row(r: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> BenchArgs:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--shapes", default="smollm2",
-                   help="comma list of sets (" + ", ".join(SHAPE_SETS) + ") and/or KxN pairs, e.g. 4096x4096")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of sets (" + ", ".join(SHAPE_SETS) + ") and/or KxN pairs, e.g. 4096x4096 "
+                        "(default: smollm2, or lm_head with --half)")
     p.add_argument("--ms", default="1,4,16,256,2048", help="comma list of M (rows of x)")
     p.add_argument("--repeats", type=int, default=BenchArgs.repeats)
     p.add_argument("--warmup", type=int, default=BenchArgs.warmup)
@@ -153,9 +187,13 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     p.add_argument("--group-size", type=int, default=BenchArgs.group_size)
     p.add_argument("--salient-frac", type=float, default=BenchArgs.salient_frac)
     p.add_argument("--act-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--half", action="store_true",
+                   help="time kernels.half_linear.half_matmul (16-bit weight) instead of the packed kernel")
+    p.add_argument("--half-dtype", default=BenchArgs.half_dtype, choices=["bfloat16", "float16"],
+                   help="weight dtype for --half")
     ns = p.parse_args(argv)
     shapes: list[tuple[int, int]] = []
-    for item in ns.shapes.split(","):
+    for item in (ns.shapes or ("lm_head" if ns.half else "smollm2")).split(","):
         item = item.strip()
         if item in SHAPE_SETS:
             shapes += SHAPE_SETS[item]
@@ -165,11 +203,18 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     return BenchArgs(device=ns.device, shapes=tuple(shapes), ms=tuple(int(m) for m in ns.ms.split(",")),
                      repeats=ns.repeats, warmup=ns.warmup, max_seconds=ns.max_seconds, threads=ns.threads,
                      bits=ns.bits, salient_bits=ns.salient_bits, group_size=ns.group_size,
-                     salient_frac=ns.salient_frac, act_dtype=ns.act_dtype)
+                     salient_frac=ns.salient_frac, act_dtype=ns.act_dtype, half=ns.half, half_dtype=ns.half_dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    if a.half:
+        print(f"half_matmul, weight {a.half_dtype}, "
+              f"threads={torch.get_num_threads() if a.threads is None else a.threads}, device={a.device}\n")
+        print(HALF_HEADER)
+        print("|" + "---|" * (HALF_HEADER.count("|") - 1))
+        run_half(a)
+        return
     header = HEADER + (" GB/s | of copy BW |" if a.device == "cuda" else "")
     print(f"packed b={a.bits} h={a.salient_bits} gs={a.group_size} salient={a.salient_frac:.0%}, "
           f"threads={torch.get_num_threads() if a.threads is None else a.threads}, device={a.device}\n")

@@ -563,8 +563,12 @@ at::Tensor dequantize_t(const at::Tensor& qweight, const at::Tensor& bitmap, con
   return w;
 }
 
+// kernels/cpu_half_matmul.cpp (the same extension): matmul with a bf16/fp16 weight (half_linear, half_matmul_f32).
+void register_half(pybind11::module& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "y = x W^T + bias from the packed tensors");
   m.def("packed_matmul", &packed_matmul, "packed matmul into out (fp32)");
   m.def("dequantize_t", &dequantize_t, "dequantize to [K_pad, N] fp32");
+  register_half(m);
 }

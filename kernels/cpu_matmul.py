@@ -1,5 +1,8 @@
 """CPU packed matmul: a small C++ extension (kernels/cpu_matmul.cpp) with a pure-torch fallback.
 
+The same extension also carries the 16-bit-weight matmul of kernels/cpu_half_matmul.cpp (used by
+kernels/half_linear.py): both sources are compiled into one module, whose PYBIND11_MODULE lives in cpu_matmul.cpp.
+
 Neither path keeps a dequantized copy of the weights: decode (M <= SMALL_M) streams the packed words straight
 into the dot products; prefill dequantizes one block of columns at a time into a bounded scratch and calls BLAS.
 
@@ -25,6 +28,7 @@ SCRATCH_BYTES = 4 << 20  # prefill: fp32 scratch per dequantized column block (a
 TORCH_K_TILE = 1024  # rows per tile in the torch fallback
 
 _SOURCE = Path(__file__).with_name("cpu_matmul.cpp")
+_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_half_matmul.cpp"))  # one module; the PYBIND11_MODULE is in _SOURCE
 _lock = threading.Lock()
 _ext = None
 _ext_error: str | None = None
@@ -60,10 +64,10 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             cap, flags = _arch_flags()
-            name = f"mamp_cpu_matmul_{cap}"
+            name = f"mamp_cpu_matmul_v2_{cap}"  # v2: + cpu_half_matmul.cpp (a v1 cache lacks half_linear)
             build = _build_dir() / name
             build.mkdir(parents=True, exist_ok=True)
-            _ext = load(name=name, sources=[str(_SOURCE)], build_directory=str(build),
+            _ext = load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(build),
                         extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler / headers / ninja: the torch path still works
             _ext_error = f"{type(e).__name__}: {e}".strip()[:500]
