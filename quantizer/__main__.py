@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantizer.config import METHODS, QuantSpec, SpecError
+from quantizer.config import ASSIGNS, KEEP_DTYPES, METHODS, QuantSpec, SpecError
 
 DEFAULTS = QuantSpec()
 
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="salient groups per 16-row block as a fraction of out_features (default 0.25 at 2 bits, "
                         "0.05 at 4 bits)")
     p.add_argument("--top-k", type=int, default=None, help="salient groups per 16-row block (instead of a fraction)")
+    p.add_argument("--assign", choices=ASSIGNS, default=DEFAULTS.assign,
+                   help="saliency: top-K groups per 16-row block get the salient grid (the paper); error: start there, "
+                        "then give each group the grid with the lower Hessian-weighted rounding error")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="least-squares refit of the scales after the solver (default: on for mamp, off for gptq/rtn)")
+    p.add_argument("--keep-dtype", choices=KEEP_DTYPES, default=DEFAULTS.keep_dtype,
+                   help="dtype of the tensors left unquantized (embeddings, lm_head, norms)")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration text file, or c4")
     p.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples)
     p.add_argument("--seqlen", type=int, default=DEFAULTS.seqlen)
@@ -59,7 +66,7 @@ def spec_from_args(a) -> QuantSpec:
     return QuantSpec(method=a.method, bits=a.bits, salient_bits=a.salient_bits, top_k=a.top_k,
                      group_size=a.group_size, salient_group_size=a.salient_group_size, mse_clip=not a.no_mse_clip,
                      true_sequential=not a.no_true_sequential, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
-                     seed=a.seed, **kw)
+                     seed=a.seed, assign=a.assign, keep_dtype=a.keep_dtype, refit=a.refit, **kw)
 
 
 def run(a) -> int:

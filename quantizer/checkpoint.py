@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from kernels.half_linear import HALF_DTYPES, HalfEmbedding, HalfLinear
 from kernels.packed_linear import PackedLinear
 from kernels.packing import FORMAT_VERSION, TENSOR_NAMES, PackSpec
 
@@ -49,6 +50,9 @@ def quantization_config(qm) -> dict:
         "salient_group_size": spec.salient_group_size,
         "salient_fraction": spec.salient_fraction,
         "top_k": spec.top_k,
+        "assign": spec.assign,
+        "refit": spec.refit,
+        "keep_dtype": spec.keep_dtype,
         "salient_group_fraction": sal / groups if groups else 0.0,
         "bits_per_weight": stored / weights if weights else 0.0,
         "spec": spec.to_dict(),
@@ -78,6 +82,7 @@ def _state_tensors(qm) -> dict[str, torch.Tensor]:
         if qm.biases.get(name) is not None:
             tensors[f"{name}.bias"] = qm.biases[name].detach().cpu().contiguous()
     skip = {f"{name}.{t}" for name in qm.packed for t in ("weight", "bias")}
+    keep = getattr(torch, qm.spec.keep_dtype)  # untouched tensors: 16-bit unless asked otherwise
     seen = set()
     for key, v in qm.model.state_dict(keep_vars=False).items():
         if key in skip:
@@ -86,7 +91,10 @@ def _state_tensors(qm) -> dict[str, torch.Tensor]:
         if ptr in seen:  # tied (lm_head = embed_tokens): stored once, re-tied from the config on load
             continue
         seen.add(ptr)
-        tensors[key] = v.detach().cpu().contiguous().clone()
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.to(keep)
+        tensors[key] = v.contiguous().clone()
     return tensors
 
 
@@ -135,6 +143,28 @@ def read_quantization_config(path: str | Path) -> dict | None:
     return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
 
 
+def _sixteen_bit_tables(model: nn.Module, state: dict, dtype: torch.dtype) -> set[str]:
+    """Keys of the embedding / lm_head weights to keep 16-bit: stored bf16/fp16 while the model computes fp32."""
+    if dtype != torch.float32:
+        return set()
+    names = {n for n, m in model.named_modules() if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+    keys = {f"{n}.weight" for n in names}
+    return {k for k in keys if k in state and state[k].dtype in HALF_DTYPES}
+
+
+def _wrap_sixteen_bit_tables(model: nn.Module, dtype: torch.dtype, tied: bool) -> None:
+    """Embedding -> HalfEmbedding and lm_head -> HalfLinear around their 16-bit weights (one table when tied)."""
+    emb = model.get_input_embeddings()
+    if emb.weight.dtype in HALF_DTYPES:
+        emb = HalfEmbedding(emb.weight, compute_dtype=dtype, padding_idx=emb.padding_idx)
+        model.set_input_embeddings(emb)
+    head = model.get_output_embeddings()
+    if tied and isinstance(emb, HalfEmbedding):
+        model.set_output_embeddings(HalfLinear(emb.weight, getattr(head, "bias", None)))
+    elif head is not None and head.weight.dtype in HALF_DTYPES:
+        model.set_output_embeddings(HalfLinear(head.weight, head.bias))
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
@@ -145,7 +175,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
 
     The model is the HF architecture from config.json, built without allocating its float weights, with every
     quantized nn.Linear replaced by kernels.packed_linear.PackedLinear holding the packed buffers. Unquantized
-    tensors are cast to `dtype`; packed tensors keep their stored dtypes. The model is in eval mode on `device`.
+    tensors are cast to `dtype`, except that a 16-bit embedding table (and its lm_head, tied or not) loaded for
+    fp32 compute stays 16-bit in kernels.half_linear's HalfEmbedding/HalfLinear, so memory matches the file;
+    packed tensors keep their stored dtypes. The model is in eval mode on `device`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -170,14 +202,17 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         has_bias = f"{name}.bias" in state
         _set_module(model, name, PackedLinear(spec, bias=has_bias, dtype=dtype, device="meta"))
         packed_keys.update(f"{name}.{t}" for t in TENSOR_NAMES)
+    keep16 = _sixteen_bit_tables(model, state, dtype)
     for k, v in state.items():
-        if k not in packed_keys and v.is_floating_point():
+        if k not in packed_keys and k not in keep16 and v.is_floating_point():
             state[k] = v.to(dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if keep16:
+        _wrap_sixteen_bit_tables(model, dtype, tied=bool(getattr(config, "tie_word_embeddings", False)))
     # Non-persistent buffers (rotary inv_freq) are not in the file: rebuild those modules on the real device.
     for name, m in list(model.named_modules()):
         if any(b.is_meta for b in m.buffers(recurse=False)) and not isinstance(m, PackedLinear):

@@ -16,6 +16,8 @@ DEFAULT_SALIENT_BITS = {2: 2, 4: 4}
 # Default salient fraction per base width (same measurements): 25% of the groups at b = 2 (10%: 176, 25%: 172,
 # 50%: 203 perplexity, GPTQ 303), 5% at b = 4 (5%: 29.0, 25%: 30.1, GPTQ 30.0).
 DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05}
+ASSIGNS = ("saliency", "error")
+KEEP_DTYPES = ("bfloat16", "float16", "float32")  # storage of the tensors left unquantized  # how groups are given to the salient grid: see quantizer/solver.py
 PAPER_SALIENT_BITS = 8  # the paper's encoding: four 8-bit means of 4 weights per 16-weight group
 
 
@@ -32,12 +34,20 @@ class QuantSpec:
     # The footprint does not depend on K (the second grid is stored densely whatever K is).
     salient_fraction: float | None = None
     top_k: int | None = None  # absolute K per 16-row block; overrides salient_fraction
+    # "saliency": the paper's fixed top-K per 16-row block; "error": the top-K mask only starts a joint fit of
+    # both grids and the group-to-grid assignment by Hessian-weighted rounding error (the fraction then floats).
+    assign: str = "saliency"
     group_size: int = 128  # input rows sharing one b-bit scale/zero
     salient_group_size: int = 128  # input rows sharing one salient scale/zero
     percdamp: float = 0.01  # lambda = percdamp * mean(diag H)
     block_size: int = 128  # GPTQ lazy-update block (columns of the input dimension)
     mse_clip: bool = True  # search a shrunk [min, max] per grid that minimises the rounding error
     true_sequential: bool = True  # q,k,v -> o -> gate,up -> down, each seeing quantized earlier outputs
+    # Least-squares refit of the scales after the loop (codes fixed); None: on for mamp, off for the baselines.
+    refit: bool | None = None
+    # Embeddings, lm_head, norms (everything not quantized) are stored in this dtype; the fake-quantized model is
+    # rounded to it too, so evaluation sees exactly what the checkpoint holds.
+    keep_dtype: str = "bfloat16"
     calib: str = "c4"  # a text file or "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -56,10 +66,23 @@ class QuantSpec:
             raise SpecError(f"salient bits ({self.salient_bits}) must be >= bits ({self.bits})")
         if self.salient_fraction is None:
             object.__setattr__(self, "salient_fraction", DEFAULT_SALIENT_FRACTION[self.bits])
+        if self.refit is None:
+            object.__setattr__(self, "refit", self.method == "mamp")
         if self.method != "mamp":
             # Baselines store no salient groups (the format still carries the bitmap and the second grid).
             object.__setattr__(self, "salient_fraction", 0.0)
             object.__setattr__(self, "top_k", None)
+            object.__setattr__(self, "assign", "saliency")
+        if self.keep_dtype not in KEEP_DTYPES:
+            raise SpecError(f"keep dtype must be one of {KEEP_DTYPES}, got {self.keep_dtype!r}")
+        if self.assign not in ASSIGNS:
+            raise SpecError(f"assign must be one of {ASSIGNS}, got {self.assign!r}")
+        if self.assign == "error":
+            if self.group_size != self.salient_group_size:
+                raise SpecError("--assign error needs the same group size for both grids "
+                                f"(got {self.group_size} and {self.salient_group_size})")
+            if not self.uses_salient:
+                raise SpecError("--assign error starts from the saliency mask: give a salient fraction or top-k > 0")
         if not 0.0 <= self.salient_fraction <= 1.0:
             raise SpecError(f"salient fraction must be in [0, 1], got {self.salient_fraction}")
         if self.top_k is not None and self.top_k < 0:

@@ -191,15 +191,15 @@ def quantize_linears(layer: nn.Module, names: tuple[str, ...], hessian: torch.Te
         else:
             masks.append(torch.zeros(w.shape[0], pspec.n_groups, dtype=torch.bool, device=w.device))
     res = solve(torch.cat(weights), hessian, pspec, torch.cat(masks), percdamp=spec.percdamp,
-                block_size=spec.block_size, mse_clip=spec.mse_clip)
+                block_size=spec.block_size, mse_clip=spec.mse_clip, assign=spec.assign, refit=spec.refit)
     out, row = {}, 0
-    for name, m, mask in zip(names, mods, masks):
+    for name, m in zip(names, mods):
         n = m.out_features
         sub = PackSpec(k, n, bits=spec.bits, salient_bits=spec.salient_bits, group_size=spec.group_size,
                        salient_group_size=spec.salient_group_size)
         tensors = {t: v[:, row:row + n].contiguous() for t, v in res.packed.tensors().items()}
         m.weight.data.copy_(res.weight[row:row + n].to(m.weight.dtype))
-        out[name] = (PackedWeight(sub, **tensors), int(mask.sum()))
+        out[name] = (PackedWeight(sub, **tensors), int(res.salient[row:row + m.out_features].sum()))
         row += n
     return out
 
@@ -250,8 +250,18 @@ def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | No
             result.biases[prefix + n] = None if b is None else b.detach().clone()
         bar.update(1)
     bar.close()
+    round_untouched(model, result.packed, getattr(torch, spec.keep_dtype))
     result.seconds = time.time() - t0
     return result
+
+
+def round_untouched(model: nn.Module, packed: dict, dtype: torch.dtype) -> None:
+    """Round every floating parameter not replaced by a packed layer to `dtype` (kept in its own dtype), so the
+    fake-quantized model equals what the checkpoint stores (quantizer/checkpoint.py casts them to `dtype`)."""
+    skip = {f"{name}.{t}" for name in packed for t in ("weight", "bias")}
+    for name, p in model.named_parameters():
+        if name not in skip and p.is_floating_point() and p.dtype != dtype:
+            p.data.copy_(p.data.to(dtype))
 
 
 def _hessians(fn_inputs, n, k, device) -> torch.Tensor:

@@ -5,6 +5,7 @@ import resource
 import sys
 from collections import defaultdict
 
+import torch
 from torch import nn
 
 
@@ -17,7 +18,7 @@ def peak_memory_bytes() -> int:
 def summarize(qm, seconds: float | None = None) -> dict:
     """Numbers of a pipeline.QuantizedModel. Bits count everything the packed format stores for the quantized
     linears (words, bitmap, both grids' scales and zeros; biases excluded); the whole-model figures add every
-    other tensor at 16 bits (what it would take in bf16), tied tensors once."""
+    other tensor in the dtype the checkpoint stores it in (spec.keep_dtype), tied tensors once."""
     packed_bits = sum(p.spec.stored_bits() for p in qm.packed.values())
     qweights = sum(p.spec.in_features * p.spec.out_features for p in qm.packed.values())
     bias = sum(b.numel() for b in qm.biases.values() if b is not None)
@@ -39,6 +40,7 @@ def summarize(qm, seconds: float | None = None) -> dict:
         kind = s.name.split(".")[-1]
         sal_by_type[kind][0] += s.salient_groups
         sal_by_type[kind][1] += s.groups
+    keep = torch.empty(0, dtype=getattr(torch, qm.spec.keep_dtype)).element_size()
     q_bytes = packed_bits / 8 + 2 * bias
     bf16_q = 2 * (qweights + bias)
     return {
@@ -50,12 +52,15 @@ def summarize(qm, seconds: float | None = None) -> dict:
         "group_size": qm.spec.group_size,
         "salient_group_size": qm.spec.salient_group_size,
         "mse_clip": qm.spec.mse_clip,
+        "assign": qm.spec.assign,
+        "refit": qm.spec.refit,
+        "keep_dtype": qm.spec.keep_dtype,
         "quantized_layers": len(qm.packed),
         "quantized_weights": qweights,
         "bits_per_weight": packed_bits / qweights if qweights else 0.0,
         "quantized_bytes": int(q_bytes),
         "quantized_bytes_bf16": bf16_q,
-        "model_bytes": int(q_bytes + 2 * other),
+        "model_bytes": int(q_bytes + keep * other),
         "model_bytes_bf16": bf16_q + 2 * other,
         "salient_group_fraction_by_type": {k: v[0] / v[1] if v[1] else 0.0 for k, v in sorted(sal_by_type.items())},
         "seconds": qm.seconds if seconds is None else seconds,
@@ -67,11 +72,12 @@ def format_summary(s: dict) -> str:
     mb = 1 << 20
     lines = [
         f"method {s['method']}  bits {s['bits']}  salient bits {s['salient_bits']}  salient fraction "
-        f"{s['salient_fraction']}  group {s['group_size']}/{s['salient_group_size']}  mse clip {s['mse_clip']}",
+        f"{s['salient_fraction']} ({s['assign']})  refit {s['refit']}  group {s['group_size']}/{s['salient_group_size']}  mse clip "
+        f"{s['mse_clip']}",
         f"bits per weight (words + bitmap + scales + zeros, both grids): {s['bits_per_weight']:.4f}",
         f"quantized layers: {s['quantized_layers']} linears, {s['quantized_bytes'] / mb:.2f} MiB vs "
         f"{s['quantized_bytes_bf16'] / mb:.2f} MiB bf16 ({100 * s['quantized_bytes'] / s['quantized_bytes_bf16']:.1f}%)",
-        f"whole model (other tensors at bf16): {s['model_bytes'] / mb:.2f} MiB vs {s['model_bytes_bf16'] / mb:.2f} MiB "
+        f"whole model (other tensors in {s['keep_dtype']}): {s['model_bytes'] / mb:.2f} MiB vs {s['model_bytes_bf16'] / mb:.2f} MiB "
         f"bf16 ({100 * s['model_bytes'] / s['model_bytes_bf16']:.1f}%)",
         "salient groups by layer type: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in
                                                       s["salient_group_fraction_by_type"].items()),

@@ -10,6 +10,19 @@ weight, which equals kernels.packing.dequantize(packed) exactly.
   the run from the current values on an h-bit grid per `salient_group_size` rows fitted to the salient means;
   the rounding error of every column (salient or not) is compensated by the later columns.
 - H = None gives round-to-nearest on the same grids (no compensation).
+
+Scale refit (`refit`, after the loop): with every code and zero point fixed, the dequantized weight is linear in
+the scales, so each output row's scales (both grids) are re-solved in closed form for the least layer-output
+error (W - Q) H (W - Q)^T, rounded to fp16, and kept per row only where that error went down.
+
+Assignment of groups to the two grids (`assign`):
+- "saliency" (the paper): the salient mask is fixed before the loop (top-K groups by saliency per 16-row block).
+- "error": at the start of each scale group the two grids and the group-to-grid assignment are fitted jointly
+  (alternating: fit both grids to their groups, move each group to the grid with the lower Hessian-weighted
+  rounding error, repeat; the saliency mask is the starting point); then each 16-group is assigned once more
+  when the loop reaches it, from its current error-compensated values. With h = b the two grids act as one
+  non-uniform 2^(b+1)-level codebook per scale group; each group uses half of it. Needs group_size ==
+  salient_group_size.
 """
 from __future__ import annotations
 
@@ -17,11 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.packing import GROUP, PackedWeight, PackSpec, affine_grid, dequantize_affine, pack, quantize_affine
+from kernels.packing import (GROUP, MIN_SCALE, SCALE_DTYPE, PackedWeight, PackSpec, affine_grid, dequantize_affine,
+                             pack, quantize_affine)
 
 CLIP_STEPS = 40  # shrink factors 1.00, 0.98, ..., 0.22 tried by the MSE clipping search
 CLIP_STEP = 0.02
 CLIP_NORM = 2.4  # error norm of the search (GPTQ's choice)
+ASSIGN_ITERS = 4  # alternating grid-fit / group-assignment rounds per scale group ("error" assignment)
+ASSIGNS = ("saliency", "error")
 
 
 @dataclass
@@ -29,6 +45,7 @@ class SolverResult:
     packed: PackedWeight
     weight: torch.Tensor  # [N, K] float32, the dequantized weight (== dequantize(packed))
     hinv_diag: torch.Tensor | None  # [K] diag of the damped H^-1 (None for RTN)
+    salient: torch.Tensor  # [N, G] bool, the final salient mask (== the bitmap)
 
 
 def damped_hessian(h: torch.Tensor, w: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +101,36 @@ def _grid_error(x, scale, zero, bits):
     return t.sum(1)
 
 
+def _group_errors(x: torch.Tensor, valid: torch.Tensor, wgt: torch.Tensor, scale, zero, hscale, hzero,
+                  b: int, h: int, run: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted squared rounding error of every 16-group of x [N, M] on the normal and on the salient grid.
+
+    Normal: each value on the b-bit grid (scale, zero [N]). Salient: each run of `run` values replaced by its
+    mean on the h-bit grid (hscale, hzero [N]). Error weights wgt [M] (0 at padded columns). -> two [N, M/16].
+    """
+    n, m = x.shape
+    xv = torch.where(valid, x, 0.0)
+    s, z = scale[:, None], zero[:, None]
+    ql = dequantize_affine(quantize_affine(xv, s, z, b), s, z)
+    means = _run_means(xv, valid, run)
+    hs, hz = hscale[:, None], hzero[:, None]
+    qh = dequantize_affine(quantize_affine(means, hs, hz, h), hs, hz).repeat_interleave(run, dim=1)
+    el = ((ql - xv).square() * wgt).reshape(n, m // GROUP, GROUP).sum(-1)
+    eh = ((qh - xv).square() * wgt).reshape(n, m // GROUP, GROUP).sum(-1)
+    return el, eh
+
+
+def _fit_grids(x, sal_col, valid, run, b, h, mse_clip):
+    """Normal grid on the valid non-salient values of x [N, M]; salient grid on the means of the salient runs.
+
+    sal_col: [N, M] bool (constant over each 16-group). Returns (scale, zero, hscale, hzero), each [N].
+    """
+    scale, zero = fit_grid(x, ~sal_col & valid, b, mse_clip)
+    means = _run_means(x, valid, run)
+    hscale, hzero = fit_grid(means, sal_col[:, ::run], h, mse_clip)
+    return scale, zero, hscale, hzero
+
+
 def _run_means(x: torch.Tensor, valid: torch.Tensor, run: int) -> torch.Tensor:
     """Means of consecutive runs of `run` columns of x [N, M] over valid columns only. -> [N, M / run]."""
     n, m = x.shape
@@ -119,12 +166,17 @@ def _solve(
     percdamp: float = 0.01,
     block_size: int = 128,
     mse_clip: bool = False,
+    assign: str = "saliency",
+    refit: bool = False,
 ) -> SolverResult:
     """Quantize weight [N, K] into the packed format described by spec.
 
     hessian: [K, K] (2 X X^T / n from calibration inputs), or None for round-to-nearest.
-    salient: [N, G] bool mask of salient groups (None: none). Fixed before the loop.
+    salient: [N, G] bool mask of salient groups (None: none). Fixed before the loop with assign="saliency";
+    the starting point of the joint grid/assignment fit with assign="error" (see the module docstring).
     """
+    if assign not in ASSIGNS:
+        raise ValueError(f"assign must be one of {ASSIGNS}, got {assign!r}")
     n, k = weight.shape
     if (spec.out_features, spec.in_features) != (n, k):
         raise ValueError(f"spec is {spec.out_features}x{spec.in_features}, weight is {n}x{k}")
@@ -135,7 +187,12 @@ def _solve(
         salient = torch.zeros(n, spec.n_groups, dtype=torch.bool, device=dev)
     if tuple(salient.shape) != (n, spec.n_groups):
         raise ValueError(f"salient mask must be {(n, spec.n_groups)}, got {tuple(salient.shape)}")
-    has_salient = bool(salient.any())
+    by_error = assign == "error"
+    if by_error and spec.group_size != spec.salient_group_size:
+        raise ValueError("assign='error' needs group_size == salient_group_size "
+                         f"({spec.group_size} != {spec.salient_group_size})")
+    salient = salient.clone()
+    has_salient = by_error or bool(salient.any())
 
     # Pad K to K_pad: padded inputs are dead (zero weight, unit Hessian diagonal, no coupling).
     w = torch.zeros(n, kp, dtype=torch.float32, device=dev)
@@ -165,6 +222,8 @@ def _solve(
     wt = w.t().contiguous()
     hinv_t = hinv.t().contiguous()
     scale = zero = hscale = hzero = hdq = None
+    # Per-column weight of a rounding error in the layer-output loss: 1 / U_jj^2 (U = chol(H^-1), upper).
+    col_wgt = torch.diagonal(hinv).square().reciprocal() * valid
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
         w1 = wt[i1:i2].clone()  # [B, N]
@@ -172,12 +231,28 @@ def _solve(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % gs == 0:
+            if by_error and col % gs == 0:
+                cur = torch.cat([w1[i:], wt[i2:]], 0)[:gs].t()
+                c1 = col + cur.shape[1]
+                scale, zero, hscale, hzero = _assign_by_error(
+                    cur, sal_col[:, col:c1], valid[col:c1], col_wgt[col:c1], run, b, h, mse_clip)
+                scales[col // gs], zeros[col // gs] = scale, zero
+                hscales[col // sgs], hzeros[col // sgs] = hscale, hzero
+            if by_error and col % GROUP == 0:
+                # Re-assign this group from its current (compensated) values, on the grids fitted above.
+                c1 = col + GROUP
+                el, eh = _group_errors(w1[i:i + GROUP].t(), valid[col:c1], col_wgt[col:c1], scale, zero,
+                                       hscale, hzero, b, h, run)
+                pick = (eh < el)[:, 0]
+                salient[:, col // GROUP] = pick
+                sal_col[:, col:c1] = pick[:, None]
+                sal_run[:, col // run:c1 // run] = pick[:, None]
+            if not by_error and col % gs == 0:
                 cur = torch.cat([w1[i:], wt[i2:]], 0)[:gs].t()
                 m = ~sal_col[:, col:col + gs] & valid[col:col + gs]
                 scale, zero = fit_grid(cur, m, b, mse_clip)
                 scales[col // gs], zeros[col // gs] = scale, zero
-            if has_salient and col % sgs == 0:
+            if has_salient and not by_error and col % sgs == 0:
                 cur = torch.cat([w1[i:], wt[i2:]], 0)[:sgs].t()
                 means = _run_means(cur, valid[col:col + cur.shape[1]], run)
                 r0 = col // run
@@ -204,8 +279,29 @@ def _solve(
             wt[i2:].addmm_(hinv_t[i2:, i1:i2], err1, alpha=-1.0)
 
     low_codes = low_codes.masked_fill(sal_col, 0)
+    if refit and hessian is not None:
+        scales, hscales, q_all = refit_scales(w, hp, spec, low_codes, high_codes, sal_col, scales, zeros, hscales,
+                                              hzeros, q_all)
     packed = pack(spec, low_codes, high_codes, salient, scales, zeros, hscales, hzeros)
-    return SolverResult(packed=packed, weight=q_all[:, :k].contiguous(), hinv_diag=hinv_diag)
+    return SolverResult(packed=packed, weight=q_all[:, :k].contiguous(), hinv_diag=hinv_diag, salient=salient)
+
+
+def _assign_by_error(x, sal_col, valid, wgt, run, b, h, mse_clip):
+    """Jointly fit both grids of one scale group and the group-to-grid assignment (alternating rounds).
+
+    x: [N, M] current values; sal_col: [N, M] bool, the starting assignment, updated in place. Returns the
+    grids (scale, zero, hscale, hzero) fitted to the final assignment.
+    """
+    n, m = x.shape
+    grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip)
+    for _ in range(ASSIGN_ITERS):
+        el, eh = _group_errors(x, valid, wgt, *grids, b, h, run)
+        new = (eh < el).repeat_interleave(GROUP, dim=1)
+        if torch.equal(new, sal_col):
+            break
+        sal_col.copy_(new)
+        grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip)
+    return grids
 
 
 def hinv_diagonal(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -218,3 +314,57 @@ def proxy_loss(weight: torch.Tensor, quant: torch.Tensor, hessian: torch.Tensor)
     """trace((W - Q) H (W - Q)^T): the layer-output error the solver minimises (up to a constant)."""
     d = (weight.float() - quant.float()).double()
     return float(torch.einsum("nk,kl,nl->", d, hessian.double(), d))
+
+
+REFIT_CHUNK_BYTES = 256 << 20  # float64 working set of one chunk of rows in refit_scales
+
+
+def refit_scales(w, h, spec: PackSpec, low_codes, high_codes, sal_col, scales, zeros, hscales, hzeros, q):
+    """Least-squares refit of every scale with codes and zeros fixed (see the module docstring).
+
+    w: [N, K_pad] original weight (zero-padded); h: [K_pad, K_pad] damped Hessian; codes/grids as the loop left
+    them; q: [N, K_pad] their dequantized weight. Returns (scales, hscales, q), new tensors; a row keeps its old
+    scales unless the refit lowers its error.
+    """
+    n, kp = w.shape
+    gs, sgs, run = spec.group_size, spec.salient_group_size, spec.run
+    gl = torch.arange(kp, device=w.device) // gs
+    gh = torch.arange(kp, device=w.device) // sgs
+    # Coefficient of each column's scale: (code - zero) on the grid the column uses, 0 on the other.
+    cl = torch.where(sal_col, 0.0, low_codes.float() - zeros.t()[:, gl])
+    ch = torch.where(sal_col, high_codes.float().repeat_interleave(run, 1) - hzeros.t()[:, gh], 0.0)
+    params = [(cl, gs, g) for g in range(spec.n_scale_groups)] + [(ch, sgs, g) for g in range(spec.n_salient_scale_groups)]
+    p = len(params)
+    old = torch.cat([scales.t(), hscales.t()], 1)  # [N, P]
+    new = old.clone()
+    hd = h.double()
+    chunk = max(1, REFIT_CHUNK_BYTES // (8 * p * kp))
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        wr = w[r0:r1].double()
+        ha = torch.stack([c[r0:r1, g * size:(g + 1) * size].double() @ hd[g * size:(g + 1) * size]
+                          for c, size, g in params], 1)  # [R, P, K_pad]: H times each scale's column
+        m = torch.stack([(ha[:, :, g * size:(g + 1) * size] * c[r0:r1, None, g * size:(g + 1) * size].double()).sum(-1)
+                         for c, size, g in params], 2)  # [R, P, P]
+        rhs = (ha * wr[:, None]).sum(-1)  # [R, P]
+        used = torch.diagonal(m, dim1=1, dim2=2) > 0
+        m = m + torch.diag_embed((~used).double() + 1e-9 * torch.diagonal(m, dim1=1, dim2=2).mean(1, keepdim=True))
+        rhs = torch.where(used, rhs, old[r0:r1].double())
+        sol = torch.linalg.solve(m, rhs)
+        ok = used & torch.isfinite(sol) & (sol > 0)
+        new[r0:r1] = torch.where(ok, sol.float(), old[r0:r1])
+    new = new.clamp_min(MIN_SCALE).to(SCALE_DTYPE).float()
+    s_l, s_h = new[:, :spec.n_scale_groups], new[:, spec.n_scale_groups:]
+    q_new = cl * s_l[:, gl] + ch * s_h[:, gh]
+    # Keep a row's old scales where fp16 rounding (or numerics) made it worse.
+    better = _row_loss(w - q_new, h) < _row_loss(w - q, h)
+    s_l = torch.where(better[:, None], s_l, scales.t())
+    s_h = torch.where(better[:, None], s_h, hscales.t())
+    q = torch.where(better[:, None], q_new, q)
+    return s_l.t().contiguous(), s_h.t().contiguous(), q
+
+
+def _row_loss(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row d H d^T, [N] float64."""
+    d = d.double()
+    return ((d @ h.double()) * d).sum(1)

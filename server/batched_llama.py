@@ -123,5 +123,7 @@ class BatchedLlama:
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
-    """The activations' dtype: the embedding table's (packed weights are integer tensors)."""
-    return model.model.embed_tokens.weight.dtype
+    """The activations' dtype: the embedding's output dtype (packed weights are integer tensors; a 16-bit table
+    kept under fp32 compute says so in HalfEmbedding.compute_dtype)."""
+    emb = model.model.embed_tokens
+    return getattr(emb, "compute_dtype", emb.weight.dtype)

@@ -91,6 +91,9 @@ def test_too_little_calibration_text(assets, tmp_path, capsys):
     (["--group-size", "20"], "group size must be a positive multiple of 16"),
     (["--bits", "3"], "invalid choice"),
     (["--nsamples", "0"], "nsamples"),
+    (["--assign", "error", "--salient-group-size", "64"], "same group size for both grids"),
+    (["--assign", "error", "--salient-fraction", "0"], "starts from the saliency mask"),
+    (["--keep-dtype", "int8"], "invalid choice"),
 ])
 def test_bad_flags(assets, tmp_path, capsys, flags, match):
     _, model, calib = assets

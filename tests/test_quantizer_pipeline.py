@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from kernels.packed_linear import PackedLinear
+from kernels.half_linear import HalfEmbedding, HalfLinear
+from kernels.packed_linear import PackedLinear, weight_memory
 from kernels.packing import FORMAT_VERSION, dequantize
 from quantizer.checkpoint import load_checkpoint, save_checkpoint
 from quantizer.config import QuantSpec
@@ -59,14 +61,15 @@ def save_tiny(folder: Path, inter: int = 176, tie: bool = True) -> Path:
 SPECS = [
     QuantSpec(method="mamp", bits=2, salient_bits=8, salient_fraction=0.1, group_size=32, salient_group_size=32),
     QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.1),
+    QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25, assign="error", keep_dtype="float16"),
     QuantSpec(method="mamp", bits=4, salient_bits=4, top_k=3, group_size=64),
     QuantSpec(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False),
     QuantSpec(method="gptq", bits=2, mse_clip=False),
-    QuantSpec(method="rtn", bits=4),
+    QuantSpec(method="rtn", bits=4, keep_dtype="float32"),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-b{s.bits}-h{s.salient_bits}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-b{s.bits}-h{s.salient_bits}-{s.assign}-{s.keep_dtype}")
 def test_save_load_matches_fake_quant(tmp_path, spec):
     inter = 176 if spec.bits == 2 else 128
     model = tiny_llama(inter, tie=spec.method != "rtn")
@@ -91,11 +94,28 @@ def test_save_load_matches_fake_quant(tmp_path, spec):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     if spec.method != "rtn":
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # A 16-bit table stays 16-bit under fp32 compute, so what the model holds is what the file holds.
+    half = spec.keep_dtype != "float32"
+    assert isinstance(loaded.model.embed_tokens, HalfEmbedding) == half
+    assert isinstance(loaded.lm_head, HalfLinear) == half
+    assert loaded.model.embed_tokens.weight.dtype == getattr(torch, spec.keep_dtype)
+    stored = load_file(str(out / "model.safetensors"))
+    emb = stored["model.embed_tokens.weight"]
+    assert loaded.model.embed_tokens.weight.nbytes == emb.nbytes
+    norms = sum(v.numel() for k, v in stored.items() if k.endswith("norm.weight"))  # upcast to fp32 (tiny)
+    tables = emb.nbytes + (0 if spec.method != "rtn" else stored["lm_head.weight"].nbytes)
+    packed = sum(v.nbytes for k, v in stored.items() if any(k.startswith(p + ".") for p in qm.packed))
+    rotary = sum(b.nbytes for n, b in loaded.named_buffers() if "rotary_emb" in n)  # inv_freq, not in the file
+    assert weight_memory(loaded)[0] == packed + tables + 4 * norms + rotary
 
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "mamp" and cfg["format_version"] == FORMAT_VERSION
     assert cfg["method"] == spec.method and cfg["bits"] == spec.bits and cfg["salient_bits"] == spec.salient_bits
     assert len(cfg["layers"]) == 14 and cfg["bits_per_weight"] > spec.bits
+    assert cfg["assign"] == spec.assign and cfg["keep_dtype"] == spec.keep_dtype
+    untouched = [k for k in stored if not any(k.startswith(p + ".") for p in qm.packed)]
+    assert "model.embed_tokens.weight" in untouched and "model.norm.weight" in untouched
+    assert {stored[k].dtype for k in untouched} == {getattr(torch, spec.keep_dtype)}
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     for name, meta in manifest.items():
         data = (out / name).read_bytes()
