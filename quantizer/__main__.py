@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="salient groups per 16-row block as a fraction of out_features (default 0.25 at 2 bits, "
                         "0.05 at 4 bits)")
     p.add_argument("--top-k", type=int, default=None, help="salient groups per 16-row block (instead of a fraction)")
-    p.add_argument("--assign", choices=ASSIGNS, default=DEFAULTS.assign,
+    p.add_argument("--assign", choices=ASSIGNS, default=None,
                    help="saliency: top-K groups per 16-row block get the salient grid (the paper); error: start there, "
-                        "then give each group the grid with the lower Hessian-weighted rounding error")
+                        "then give each group the grid with the lower Hessian-weighted rounding error (default for mamp)")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="least-squares refit of the scales after the solver (default: on for mamp, off for gptq/rtn)")
     p.add_argument("--keep-dtype", choices=KEEP_DTYPES, default=DEFAULTS.keep_dtype,

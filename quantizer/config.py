@@ -36,7 +36,8 @@ class QuantSpec:
     top_k: int | None = None  # absolute K per 16-row block; overrides salient_fraction
     # "saliency": the paper's fixed top-K per 16-row block; "error": the top-K mask only starts a joint fit of
     # both grids and the group-to-grid assignment by Hessian-weighted rounding error (the fraction then floats).
-    assign: str = "saliency"
+    # None: "error" for mamp with salient groups and equal group sizes (measured best), else "saliency".
+    assign: str | None = None
     group_size: int = 128  # input rows sharing one b-bit scale/zero
     salient_group_size: int = 128  # input rows sharing one salient scale/zero
     percdamp: float = 0.01  # lambda = percdamp * mean(diag H)
@@ -66,6 +67,9 @@ class QuantSpec:
             raise SpecError(f"salient bits ({self.salient_bits}) must be >= bits ({self.bits})")
         if self.salient_fraction is None:
             object.__setattr__(self, "salient_fraction", DEFAULT_SALIENT_FRACTION[self.bits])
+        if self.assign is None:
+            by_error = self.uses_salient and self.group_size == self.salient_group_size
+            object.__setattr__(self, "assign", "error" if by_error else "saliency")
         if self.refit is None:
             object.__setattr__(self, "refit", self.method == "mamp")
         if self.method != "mamp":

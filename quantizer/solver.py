@@ -168,12 +168,15 @@ def _solve(
     mse_clip: bool = False,
     assign: str = "saliency",
     refit: bool = False,
+    grids: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> SolverResult:
     """Quantize weight [N, K] into the packed format described by spec.
 
     hessian: [K, K] (2 X X^T / n from calibration inputs), or None for round-to-nearest.
     salient: [N, G] bool mask of salient groups (None: none). Fixed before the loop with assign="saliency";
     the starting point of the joint grid/assignment fit with assign="error" (see the module docstring).
+    grids: (scales, zeros, hscales, hzeros) in the packed shapes to use as they are instead of fitting them
+    (a second pass over grids from a first one); assign="error" still re-assigns every group on them.
     """
     if assign not in ASSIGNS:
         raise ValueError(f"assign must be one of {ASSIGNS}, got {assign!r}")
@@ -222,6 +225,12 @@ def _solve(
     wt = w.t().contiguous()
     hinv_t = hinv.t().contiguous()
     scale = zero = hscale = hzero = hdq = None
+    fixed = grids is not None
+    if fixed:
+        for dst, src in zip((scales, zeros, hscales, hzeros), grids):
+            if dst.shape != src.shape:
+                raise ValueError(f"grids: expected shapes {[tuple(t.shape) for t in (scales, zeros, hscales, hzeros)]}")
+            dst.copy_(src.float())
     # Per-column weight of a rounding error in the layer-output loss: 1 / U_jj^2 (U = chol(H^-1), upper).
     col_wgt = torch.diagonal(hinv).square().reciprocal() * valid
     for i1 in range(0, kp, block_size):
@@ -231,7 +240,11 @@ def _solve(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if by_error and col % gs == 0:
+            if fixed and col % gs == 0:
+                scale, zero = scales[col // gs], zeros[col // gs]
+            if fixed and has_salient and col % sgs == 0:
+                hscale, hzero = hscales[col // sgs], hzeros[col // sgs]
+            if by_error and not fixed and col % gs == 0:
                 cur = torch.cat([w1[i:], wt[i2:]], 0)[:gs].t()
                 c1 = col + cur.shape[1]
                 scale, zero, hscale, hzero = _assign_by_error(
@@ -247,12 +260,12 @@ def _solve(
                 salient[:, col // GROUP] = pick
                 sal_col[:, col:c1] = pick[:, None]
                 sal_run[:, col // run:c1 // run] = pick[:, None]
-            if not by_error and col % gs == 0:
+            if not by_error and not fixed and col % gs == 0:
                 cur = torch.cat([w1[i:], wt[i2:]], 0)[:gs].t()
                 m = ~sal_col[:, col:col + gs] & valid[col:col + gs]
                 scale, zero = fit_grid(cur, m, b, mse_clip)
                 scales[col // gs], zeros[col // gs] = scale, zero
-            if has_salient and not by_error and col % sgs == 0:
+            if has_salient and not by_error and not fixed and col % sgs == 0:
                 cur = torch.cat([w1[i:], wt[i2:]], 0)[:sgs].t()
                 means = _run_means(cur, valid[col:col + cur.shape[1]], run)
                 r0 = col // run

@@ -63,7 +63,7 @@ SPECS = [
     QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.1),
     QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25, assign="error", keep_dtype="float16"),
     QuantSpec(method="mamp", bits=4, salient_bits=4, top_k=3, group_size=64),
-    QuantSpec(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False),
+    QuantSpec(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False, assign="saliency"),
     QuantSpec(method="gptq", bits=2, mse_clip=False),
     QuantSpec(method="rtn", bits=4, keep_dtype="float32"),
 ]
