@@ -136,3 +136,20 @@ def test_refit_lowers_layer_error(bits, hbits, frac):
     assert (rows1 <= rows0).all()
     assert rows1.sum() < (0.97 if bits == 2 else 0.99) * rows0.sum()
     assert not torch.equal(refit.packed.scales, plain.packed.scales)
+
+
+@pytest.mark.parametrize("assign", ["saliency", "error"])
+def test_fixed_grids_second_pass(assign):
+    """grids= uses the given grids as they are (no fitting); the codes are solved again on them."""
+    w, h = layer(24, 128)
+    spec = PackSpec(128, 24, bits=2, salient_bits=2, group_size=64, salient_group_size=64)
+    sal = top_k_mask(group_saliency(w, hinv_diagonal(h, 0.01)), 6)
+    first = solve(w, h, spec, sal, mse_clip=True, assign=assign, refit=True)
+    p = first.packed
+    grids = (p.scales, p.zeros.float(), p.hscales, p.hzeros.float())
+    second = solve(w, h, spec, first.salient, assign=assign, grids=grids)
+    assert torch.equal(second.packed.scales, p.scales) and torch.equal(second.packed.zeros, p.zeros)
+    assert torch.equal(second.packed.hscales, p.hscales) and torch.equal(second.packed.hzeros, p.hzeros)
+    assert torch.equal(dequantize(second.packed), second.weight)
+    with pytest.raises(ValueError, match="grids: expected shapes"):
+        solve(w, h, spec, sal, grids=(p.scales[:1], p.zeros, p.hscales, p.hzeros))
