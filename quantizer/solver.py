@@ -38,6 +38,7 @@ CLIP_STEP = 0.02
 CLIP_NORM = 2.4  # error norm of the search (GPTQ's choice)
 ASSIGN_ITERS = 4  # alternating grid-fit / group-assignment rounds per scale group ("error" assignment)
 ASSIGNS = ("saliency", "error")
+WEIGHTED_FIT = True  # "error" assignment: weight the clipping search by the columns' Hessian weights
 
 
 @dataclass
@@ -70,8 +71,10 @@ def inverse_hessian(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.cholesky(hinv, upper=True).float(), diag
 
 
-def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row affine grid for the entries of x [N, M] where mask is True; 0 always lies inside the range.
+    weight: optional [M] per-column weights of the clipping search's error.
 
     Returns (scale [N], zero [N]) from kernels.packing.affine_grid (fp16-rounded scale, integer zero).
     """
@@ -81,11 +84,11 @@ def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool) -> 
     scale, zero = affine_grid(xmin, xmax, bits)
     if not mse_clip:
         return scale, zero
-    best = _grid_error(xm, scale, zero, bits)
+    best = _grid_error(xm, scale, zero, bits, weight)
     for i in range(1, CLIP_STEPS):
         p = 1.0 - CLIP_STEP * i
         s, z = affine_grid(xmin * p, xmax * p, bits)
-        err = _grid_error(xm, s, z, bits)
+        err = _grid_error(xm, s, z, bits, weight)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
@@ -93,11 +96,13 @@ def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool) -> 
     return scale, zero
 
 
-def _grid_error(x, scale, zero, bits):
-    """sum |dequant(quant(x)) - x|^CLIP_NORM per row; the same arithmetic as quantize_affine/dequantize_affine."""
+def _grid_error(x, scale, zero, bits, weight=None):
+    """sum |dequant(quant(x)) - x|^CLIP_NORM (times weight) per row; the arithmetic of quantize/dequantize_affine."""
     s, z = scale[:, None], zero[:, None]
     t = x / s
     t.round_().add_(z).clamp_(0, (1 << bits) - 1).sub_(z).mul_(s).sub_(x).abs_().pow_(CLIP_NORM)
+    if weight is not None:
+        t.mul_(weight)
     return t.sum(1)
 
 
@@ -120,14 +125,16 @@ def _group_errors(x: torch.Tensor, valid: torch.Tensor, wgt: torch.Tensor, scale
     return el, eh
 
 
-def _fit_grids(x, sal_col, valid, run, b, h, mse_clip):
+def _fit_grids(x, sal_col, valid, run, b, h, mse_clip, wgt=None):
     """Normal grid on the valid non-salient values of x [N, M]; salient grid on the means of the salient runs.
 
-    sal_col: [N, M] bool (constant over each 16-group). Returns (scale, zero, hscale, hzero), each [N].
+    sal_col: [N, M] bool (constant over each 16-group); wgt: optional [M] error weights of the clipping search.
+    Returns (scale, zero, hscale, hzero), each [N].
     """
-    scale, zero = fit_grid(x, ~sal_col & valid, b, mse_clip)
+    scale, zero = fit_grid(x, ~sal_col & valid, b, mse_clip, wgt)
     means = _run_means(x, valid, run)
-    hscale, hzero = fit_grid(means, sal_col[:, ::run], h, mse_clip)
+    hw = None if wgt is None else wgt.reshape(-1, run).sum(1)
+    hscale, hzero = fit_grid(means, sal_col[:, ::run], h, mse_clip, hw)
     return scale, zero, hscale, hzero
 
 
@@ -306,14 +313,15 @@ def _assign_by_error(x, sal_col, valid, wgt, run, b, h, mse_clip):
     grids (scale, zero, hscale, hzero) fitted to the final assignment.
     """
     n, m = x.shape
-    grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip)
+    fw = wgt / wgt.max().clamp_min(1e-30) if WEIGHTED_FIT else None
+    grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw)
     for _ in range(ASSIGN_ITERS):
         el, eh = _group_errors(x, valid, wgt, *grids, b, h, run)
         new = (eh < el).repeat_interleave(GROUP, dim=1)
         if torch.equal(new, sal_col):
             break
         sal_col.copy_(new)
-        grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip)
+        grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw)
     return grids
 
 
