@@ -14,10 +14,12 @@ SALIENT_BITS = (2, 4, 8)
 # codes (h = 8 at b = 2) lose to plain GPTQ by orders of magnitude there; it stays available as --salient-bits 8.
 DEFAULT_SALIENT_BITS = {2: 2, 4: 4}
 # Default salient fraction per base width (same measurements): 25% of the groups at b = 2 (10%: 176, 25%: 172,
-# 50%: 203 perplexity, GPTQ 303), 5% at b = 4 (5%: 29.0, 25%: 30.1, GPTQ 30.0).
+# 50%: 203 perplexity, GPTQ 303), 5% at b = 4 (5%: 29.0, 25%: 30.1, GPTQ 30.0), with the saliency assignment.
+# With the error assignment (the mamp default) the fraction only seeds the joint fit: 10% and 25% starts gave
+# 164.5 and 163.9 at b = 2.
 DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05}
-ASSIGNS = ("saliency", "error")
-KEEP_DTYPES = ("bfloat16", "float16", "float32")  # storage of the tensors left unquantized  # how groups are given to the salient grid: see quantizer/solver.py
+ASSIGNS = ("saliency", "error")  # how groups are given to the salient grid: see quantizer/solver.py
+KEEP_DTYPES = ("bfloat16", "float16", "float32")  # storage of the tensors left unquantized
 PAPER_SALIENT_BITS = 8  # the paper's encoding: four 8-bit means of 4 weights per 16-weight group
 
 

