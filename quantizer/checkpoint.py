@@ -143,6 +143,16 @@ def read_quantization_config(path: str | Path) -> dict | None:
     return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
 
 
+ALIGN = 64  # bytes: a cache line / AVX-512 vector
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy starting on an ALIGN-byte boundary. Tensors read from a safetensors file start wherever
+    the header left them (8-byte steps); the CPU kernels measured 1.7x slower on packed words 8 bytes off a cache
+    line (SmolLM2 MLP, M = 1: 1.43 vs 0.86 ms)."""
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
 def _sixteen_bit_tables(model: nn.Module, state: dict, dtype: torch.dtype) -> set[str]:
     """Keys of the embedding / lm_head weights to keep 16-bit: stored bf16/fp16 while the model computes fp32."""
     if dtype != torch.float32:
@@ -195,7 +205,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
     packed_keys = set()
     for name, d in q["layers"].items():
         spec = PackSpec.from_dict(d)

@@ -105,6 +105,10 @@ def test_save_load_matches_fake_quant(tmp_path, spec):
     norms = sum(v.numel() for k, v in stored.items() if k.endswith("norm.weight"))  # upcast to fp32 (tiny)
     tables = emb.nbytes + (0 if spec.method != "rtn" else stored["lm_head.weight"].nbytes)
     packed = sum(v.nbytes for k, v in stored.items() if any(k.startswith(p + ".") for p in qm.packed))
+    # Every tensor the kernels stream starts on a cache line, wherever the file's header left it.
+    for mod in loaded.modules():
+        if isinstance(mod, (PackedLinear, HalfEmbedding, HalfLinear)):
+            assert all(t.data_ptr() % 64 == 0 for t in list(mod.buffers(recurse=False)) + list(mod.parameters(recurse=False)))
     rotary = sum(b.nbytes for n, b in loaded.named_buffers() if "rotary_emb" in n)  # inv_freq, not in the file
     assert weight_memory(loaded)[0] == packed + tables + 4 * norms + rotary
 
