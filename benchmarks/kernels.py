@@ -103,33 +103,47 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t / 1e9
 
 
-def run(a: BenchArgs) -> list[dict]:
+def _setup(a: BenchArgs) -> tuple[torch.device, torch.dtype]:
+    """Device, thread count, and the candidate's activation dtype (bf16 on CUDA, fp32 on CPU unless given)."""
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     act = getattr(torch, a.act_dtype) if a.act_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, act
+
+
+def _vs_linear(a: BenchArgs, device, act, k: int, n: int, candidate, weight_bytes: int | None = None,
+               copy_bw: float | None = None) -> list[dict]:
+    """For each M: median time of candidate(x [M, K] in act) vs fp32 and bf16 nn.Linear(K, N), alternated in
+    the same run. With copy_bw, also GB/s over weight_bytes + activations against the copy bandwidth."""
+    lin32 = torch.nn.Linear(k, n, bias=False, device=device)
+    lin16 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    rows = []
+    for m in a.ms:
+        x = torch.randn(m, k, device=device)
+        xa, x16 = x.to(act), x.to(torch.bfloat16)
+        with torch.inference_mode():
+            t, t32, t16 = time_calls([lambda: candidate(xa), lambda: lin32(x), lambda: lin16(x16)],
+                                     device, a.repeats, a.warmup, a.max_seconds)
+        row = {"K": k, "N": n, "M": m, "packed_us": t * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
+               "vs_fp32": t32 / t, "vs_bf16": t16 / t}
+        if copy_bw is not None:
+            row["GB/s"] = (weight_bytes + m * k * xa.element_size()) / t / 1e9
+            row["of_copy"] = row["GB/s"] / copy_bw
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def run(a: BenchArgs) -> list[dict]:
+    device, act = _setup(a)
     copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
     rows = []
     for k, n in a.shapes:
         spec = PackSpec(k, n, bits=a.bits, salient_bits=a.salient_bits, group_size=a.group_size,
                         salient_group_size=a.group_size)
         packed = random_packed(spec, a.salient_frac, a.device)
-        lin32 = torch.nn.Linear(k, n, bias=False, device=device)
-        lin16 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        for m in a.ms:
-            x = torch.randn(m, k, device=device)
-            xa, x16 = x.to(act), x.to(torch.bfloat16)
-            with torch.inference_mode():
-                t_packed, t32, t16 = time_calls([lambda: packed_matmul(xa, packed), lambda: lin32(x), lambda: lin16(x16)],
-                                                device, a.repeats, a.warmup, a.max_seconds)
-            row = {"K": k, "N": n, "M": m, "packed_us": t_packed * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
-                   "vs_fp32": t32 / t_packed, "vs_bf16": t16 / t_packed}
-            if copy_bw is not None:
-                nbytes = packed.nbytes + m * k * xa.element_size()
-                row["GB/s"] = nbytes / t_packed / 1e9
-                row["of_copy"] = row["GB/s"] / copy_bw
-            rows.append(row)
-            print(format_row(row), flush=True)
+        rows += _vs_linear(a, device, act, k, n, lambda xa: packed_matmul(xa, packed), packed.nbytes, copy_bw)
     if copy_bw is not None:
         print(f"\ncopy bandwidth ({torch.cuda.get_device_name(device)}): {copy_bw:.0f} GB/s")
     return rows
@@ -137,25 +151,11 @@ def run(a: BenchArgs) -> list[dict]:
 
 def run_half(a: BenchArgs) -> list[dict]:
     """half_matmul (x in fp32 on CPU, bf16 on CUDA; W in a.half_dtype) vs fp32 / bf16 nn.Linear, same run."""
-    device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    act = getattr(torch, a.act_dtype) if a.act_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, act = _setup(a)
     rows = []
     for k, n in a.shapes:
-        lin32 = torch.nn.Linear(k, n, bias=False, device=device)
-        lin16 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        w = lin32.weight.detach().to(getattr(torch, a.half_dtype))
-        for m in a.ms:
-            x = torch.randn(m, k, device=device)
-            xa, x16 = x.to(act), x.to(torch.bfloat16)
-            with torch.inference_mode():
-                t_half, t32, t16 = time_calls([lambda: half_matmul(xa, w), lambda: lin32(x), lambda: lin16(x16)],
-                                              device, a.repeats, a.warmup, a.max_seconds)
-            row = {"K": k, "N": n, "M": m, "packed_us": t_half * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
-                   "vs_fp32": t32 / t_half, "vs_bf16": t16 / t_half}
-            rows.append(row)
-            print(format_row(row), flush=True)
+        w = (torch.randn(n, k, device=device) / k**0.5).to(getattr(torch, a.half_dtype))
+        rows += _vs_linear(a, device, act, k, n, lambda xa: half_matmul(xa, w))
     return rows
 
 

@@ -18,11 +18,11 @@ error (W - Q) H (W - Q)^T, rounded to fp16, and kept per row only where that err
 Assignment of groups to the two grids (`assign`):
 - "saliency" (the paper): the salient mask is fixed before the loop (top-K groups by saliency per 16-row block).
 - "error": at the start of each scale group the two grids and the group-to-grid assignment are fitted jointly
-  (alternating: fit both grids to their groups, move each group to the grid with the lower Hessian-weighted
-  rounding error, repeat; the saliency mask is the starting point); then each 16-group is assigned once more
-  when the loop reaches it, from its current error-compensated values. With h = b the two grids act as one
-  non-uniform 2^(b+1)-level codebook per scale group; each group uses half of it. Needs group_size ==
-  salient_group_size.
+  (alternating: fit both grids to their groups, the clipping search weighted by the columns' Hessian weights;
+  move each group to the grid with the lower Hessian-weighted rounding error; repeat; the saliency mask is the
+  starting point); then each 16-group is assigned once more when the loop reaches it, from its current
+  error-compensated values. With h = b the two grids act as one non-uniform 2^(b+1)-level codebook per scale
+  group; each group uses half of it. Needs group_size == salient_group_size.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ CLIP_STEP = 0.02
 CLIP_NORM = 2.4  # error norm of the search (GPTQ's choice)
 ASSIGN_ITERS = 4  # alternating grid-fit / group-assignment rounds per scale group ("error" assignment)
 ASSIGNS = ("saliency", "error")
-WEIGHTED_FIT = True  # "error" assignment: weight the clipping search by the columns' Hessian weights
 
 
 @dataclass
@@ -312,8 +311,7 @@ def _assign_by_error(x, sal_col, valid, wgt, run, b, h, mse_clip):
     x: [N, M] current values; sal_col: [N, M] bool, the starting assignment, updated in place. Returns the
     grids (scale, zero, hscale, hzero) fitted to the final assignment.
     """
-    n, m = x.shape
-    fw = wgt / wgt.max().clamp_min(1e-30) if WEIGHTED_FIT else None
+    fw = wgt / wgt.max().clamp_min(1e-30)  # the clipping search weighs columns like the assignment does
     grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw)
     for _ in range(ASSIGN_ITERS):
         el, eh = _group_errors(x, valid, wgt, *grids, b, h, run)
