@@ -76,7 +76,7 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
       n_sal += (bits[j] >> (g % 8)) & 1;
     }
     float sl[MB][NT] = {}, sh[MB][NT] = {};
-    if (n_sal < NT) {  // some column holds a normal group here: sixteen b-bit codes
+    if (n_sal < NT || H == B) {  // some column holds a normal group here (or h = b: one decode serves both)
       for (int wi = 0; wi < WPG; ++wi) {
         for (int i = 0; i < VPW; ++i) {
           float qf[NT];
@@ -89,7 +89,10 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
         }
       }
     }
-    if (n_sal > 0) {  // some column holds a salient group: h-bit codes, each covering RUN rows
+    if (H == B) {  // the same codes at the same rows: only the bitmap tells the kinds apart
+      for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < NT; ++j) sh[m][j] = sl[m][j];
+    } else if (n_sal > 0) {  // some column holds a salient group: h-bit codes, each covering RUN rows
       for (int wi = 0; wi < WPG; ++wi) {
         for (int c = 0; c < HPW; ++c) {
           float qf[NT];
@@ -223,7 +226,10 @@ void gemv_tile_avx2(const Layer& L, const float* x, int64_t ldx, const float* xg
     }
     __m256 xs[MB];
     for (int m = 0; m < MB; ++m) xs[m] = _mm256_set1_ps(xg[m * ldg + g]);
-    if (n_sal < nt) {  // normal groups: sixteen b-bit codes
+    // h = b: both kinds are sixteen b-bit codes at the same rows, so one decode and one set of dot products
+    // serves both and the bitmap only routes the sums (salient groups are common: this halves the work).
+    constexpr bool kOneWidth = H == B;
+    if (n_sal < nt || (kOneWidth && n_sal > 0)) {  // normal groups: sixteen b-bit codes
       __m256 s[MB][2][A];  // A independent chains per output: an FMA's latency, not its throughput, binds
       for (int m = 0; m < MB; ++m)
         for (int a = 0; a < A; ++a) s[m][0][a] = s[m][1][a] = _mm256_setzero_ps();
@@ -243,11 +249,16 @@ void gemv_tile_avx2(const Layer& L, const float* x, int64_t ldx, const float* xg
       for (int m = 0; m < MB; ++m)
         for (int h = 0; h < 2; ++h) {
           const __m256 keep = _mm256_sub_ps(onef, sel[h]);
-          lq[m][h] = _mm256_fmadd_ps(sum_chains<A>(s[m][h]), keep, lq[m][h]);
+          const __m256 t = sum_chains<A>(s[m][h]);
+          lq[m][h] = _mm256_fmadd_ps(t, keep, lq[m][h]);
           lx[m][h] = _mm256_fmadd_ps(xs[m], keep, lx[m][h]);
+          if constexpr (kOneWidth) {
+            hq[m][h] = _mm256_fmadd_ps(t, sel[h], hq[m][h]);
+            hx[m][h] = _mm256_fmadd_ps(xs[m], sel[h], hx[m][h]);
+          }
         }
     }
-    if (n_sal > 0) {  // salient groups: h-bit codes, each covering RUN rows
+    if (!kOneWidth && n_sal > 0) {  // salient groups: h-bit codes, each covering RUN rows
       __m256 s[MB][2][A];
       for (int m = 0; m < MB; ++m)
         for (int a = 0; a < A; ++a) s[m][0][a] = s[m][1][a] = _mm256_setzero_ps();

@@ -49,9 +49,26 @@ class _Job:
     prompt_texts: list[str]
     id: str = field(default_factory=lambda: new_id("cmpl"))
     created: int = field(default_factory=now)
+    counts: list[int] = field(default_factory=list)  # generated tokens per sequence
+    logprobs: list[_LogprobsBuilder] = field(default_factory=list)
 
     def prompt_of(self, index: int) -> int:
         return index // self.request.n
+
+    def record(self, i: int, out) -> None:
+        """Counts sequence i's new token and appends its (and, first time, its prompt's) logprobs."""
+        if out.prompt_logprobs is not None:
+            self.logprobs[i].add_prompt(self.prompts[self.prompt_of(i)], out.prompt_logprobs)
+        if out.token is not None:
+            self.counts[i] += 1
+            if self.request.logprobs is not None:
+                self.logprobs[i].add(out.token.token_id, out.token.logprob, out.token.top_logprobs)
+
+    def take_logprobs(self, i: int) -> Optional[CompletionLogProbs]:
+        return self.logprobs[i].take() if self.request.logprobs is not None else None
+
+    def usage(self):
+        return usage(sum(map(len, self.prompts)), sum(self.counts))
 
 
 class CompletionService(ServingBase):
@@ -80,39 +97,30 @@ class CompletionService(ServingBase):
         params = [self.sampling_params(req, limit, req.logprobs, j, prompt_lp)
                   for limit in limits for j in range(req.n)]
         seq_prompts = [p for p in prompts for _ in range(req.n)]
-        return _Job(self.submit(seq_prompts, params), req, prompts, texts)
+        return _Job(self.submit(seq_prompts, params), req, prompts, texts, counts=[0] * len(seq_prompts),
+                    logprobs=[_LogprobsBuilder(self.token_strings) for _ in seq_prompts])
 
     async def respond(self, job: _Job) -> CompletionResponse:
         req, k = job.request, len(job.prompts) * job.request.n
         texts = [job.prompt_texts[job.prompt_of(i)] if req.echo else "" for i in range(k)]
         finish: list[Optional[str]] = [None] * k
-        counts = [0] * k
-        lps = [_LogprobsBuilder(self.token_strings) for _ in range(k)]
         try:
             async for i, out in job.stream:
                 if out.finish_reason in ("error", "abort"):
                     raise engine_error(out.error)
-                if out.prompt_logprobs is not None:
-                    lps[i].add_prompt(job.prompts[job.prompt_of(i)], out.prompt_logprobs)
-                if out.token is not None:
-                    counts[i] += 1
-                    if req.logprobs is not None:
-                        lps[i].add(out.token.token_id, out.token.logprob, out.token.top_logprobs)
+                job.record(i, out)
                 texts[i] += out.text
                 finish[i] = out.finish_reason or finish[i]
         finally:
             job.stream.abort()
-        choices = [CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
-                                    logprobs=lps[i].take() if req.logprobs is not None else None)
+        choices = [CompletionChoice(index=i, text=texts[i], finish_reason=finish[i], logprobs=job.take_logprobs(i))
                    for i in range(k)]
         return CompletionResponse(id=job.id, created=job.created, model=self.ctx.model_name, choices=choices,
-                                  usage=usage(sum(map(len, job.prompts)), sum(counts)))
+                                  usage=job.usage())
 
     async def stream(self, job: _Job) -> AsyncIterator[str]:
         req, k = job.request, len(job.prompts) * job.request.n
         started = [False] * k
-        counts = [0] * k
-        lps = [_LogprobsBuilder(self.token_strings) for _ in range(k)]
         try:
             async for i, out in job.stream:
                 if out.finish_reason in ("error", "abort"):
@@ -122,22 +130,17 @@ class CompletionService(ServingBase):
                 if req.echo and not started[i]:
                     text = job.prompt_texts[job.prompt_of(i)] + text
                 started[i] = True
-                if out.prompt_logprobs is not None:
-                    lps[i].add_prompt(job.prompts[job.prompt_of(i)], out.prompt_logprobs)
-                if out.token is not None:
-                    counts[i] += 1
-                    if req.logprobs is not None:
-                        lps[i].add(out.token.token_id, out.token.logprob, out.token.top_logprobs)
+                job.record(i, out)
                 if not text and out.finish_reason is None and req.logprobs is None:
                     continue
                 choice = CompletionChoice(index=i, text=text, finish_reason=out.finish_reason,
-                                          logprobs=lps[i].take() if req.logprobs is not None else None)
+                                          logprobs=job.take_logprobs(i))
                 yield sse(CompletionResponse(id=job.id, created=job.created, model=self.ctx.model_name,
                                              choices=[choice]))
             else:
                 if req.stream_options and req.stream_options.include_usage:
                     yield sse(CompletionResponse(id=job.id, created=job.created, model=self.ctx.model_name,
-                                                 choices=[], usage=usage(sum(map(len, job.prompts)), sum(counts))))
+                                                 choices=[], usage=job.usage()))
             yield SSE_DONE
         finally:
             job.stream.abort()

@@ -1,7 +1,7 @@
 """The CPU packed matmul (C++ extension and its torch twin) against the reference and a float64 product.
 
-Full grid: widths (b, h) in {2, 4} x {b, 8}; M in {1, 3, 17, 257}; K, N odd multiples of 16 and 128 and a
-padded K; fp16 / bf16 / fp32; no, a few, half and all groups salient; with and without bias; contiguous and
+Full grid: widths (b, h) in {2, 4} x {b, 8} and (2, 4); M in {1, 3, 17, 257}; K, N odd multiples of 16 and
+128 and a padded K; fp16 / bf16 / fp32; no, a few, half and all groups salient; with and without bias; contiguous and
 strided x. Outputs are poisoned with NaN before each run so an unwritten element fails.
 """
 import pytest
@@ -14,7 +14,7 @@ from kernels.packing import PackSpec, dequantize
 from kernels.reference import packed_matmul_reference
 from tests.test_packing import random_packed
 
-WIDTHS = [(2, 2), (2, 8), (4, 4), (4, 8)]
+WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # h = b takes the one-decode path
 SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128; 13*16 and 3*128
 FRACS = [0.0, 0.04, 0.5, 1.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
