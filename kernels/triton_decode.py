@@ -1,5 +1,6 @@
 """Triton device functions shared by the packed GEMV and GEMM kernels: load a tile of word rows with everything
-that describes them, and decode code i of each word (both kinds computed, the bitmap bit selects).
+that describes them, and decode code i of each word (the bitmap bit selects the code's width and the grid; no
+branch). With h = b both kinds are the same codes, so the bit only selects the grid.
 
 A word row r of column n covers input rows r*(32/b) .. r*(32/b) + 32/b - 1, all in 16-row group r // (b/2),
 hence in one scale group and one salient scale group: scales, zeros and the bitmap bit are per word.
@@ -39,7 +40,7 @@ def check_launch_args(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
 @triton.jit
 def load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n, mask, N,
                    B: tl.constexpr, GS: tl.constexpr, SGS: tl.constexpr):
-    """Words [R, BN] int32 and, per word: salient flag, scale, zero, salient scale, salient zero (fp32)."""
+    """Words [R, BN] int32 and, per word: salient flag and the scale and zero of the word's grid (fp32)."""
     VPW: tl.constexpr = 32 // B
     WPG: tl.constexpr = B // 2
     col = offs_n[None, :]
@@ -54,13 +55,16 @@ def load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_
     z = tl.load(z_ptr + sg, mask=mask, other=0).to(tl.float32)
     hs = tl.load(hsc_ptr + hg, mask=mask, other=0.0).to(tl.float32)
     hz = tl.load(hz_ptr + hg, mask=mask, other=0).to(tl.float32)
-    return words, sal, s, z, hs, hz
+    return words, sal, tl.where(sal, hs, s), tl.where(sal, hz, z)
 
 
 @triton.jit
-def decode_code(words, sal, s, z, hs, hz, I: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
-    """fp32 weights of input row r*(32/b) + I for every word: (q - z) s, or (hq - hz) hs where salient."""
+def decode_code(words, sal, scale, zero, I: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
+    """fp32 weights of input row r*(32/b) + I for every word: (code - zero) * scale on the word's grid, the code
+    b bits wide, or h bits wide (covering h/b rows) where salient."""
     RUN: tl.constexpr = H // B
-    lo = ((words >> (B * I)) & ((1 << B) - 1)).to(tl.float32)
-    hi = ((words >> (H * (I // RUN))) & ((1 << H) - 1)).to(tl.float32)
-    return tl.where(sal, (hi - hz) * hs, (lo - z) * s)
+    q = ((words >> (B * I)) & ((1 << B) - 1)).to(tl.float32)
+    if H != B:
+        hq = ((words >> (H * (I // RUN))) & ((1 << H) - 1)).to(tl.float32)
+        q = tl.where(sal, hq, q)
+    return (q - zero) * scale

@@ -43,10 +43,10 @@ def packed_gemv_kernel(
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
-        words, sal, s, z, hs, hz = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
-                                                  mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
+        words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
+                                                 mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
         for i in tl.static_range(VPW):
-            w = decode_code(words, sal, s, z, hs, hz, i, B, H)  # [BLOCK_R, BLOCK_N] fp32
+            w = decode_code(words, sal, scale, zero, i, B, H)  # [BLOCK_R, BLOCK_N] fp32
             k = offs_r * VPW + i
             mask_k = mask_r & (k < K)  # rows K..K_pad are padding
             if BLOCK_M == 1:
