@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 NO_EOS = {"ignore_eos": True}
 
@@ -107,6 +108,20 @@ def test_seed_reproducibility(tiny_server):
     assert draw(1234) == first
     assert draw(99) != first
     assert first[0] != first[1]  # choice i samples with seed + i
+
+
+def test_streamed_logprobs_match_the_whole_response(tiny_server):
+    """The stream's chunks, concatenated, carry the same tokens, logprobs and offsets as one response."""
+    client = tiny_server.client()
+    args = dict(model="tiny", prompt="Once upon", max_tokens=5, temperature=0, logprobs=2, echo=True,
+                extra_body=NO_EOS)
+    whole = client.completions.create(**args).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **args) if c.choices]
+    tokens = [t for c in chunks for t in c.logprobs.tokens]
+    lps = [v for c in chunks for v in c.logprobs.token_logprobs]
+    offsets = [o for c in chunks for o in c.logprobs.text_offset]
+    assert tokens == whole.tokens and offsets == whole.text_offset and len(tokens) == 3 + 5  # <s> Once upon + 5
+    assert lps[0] is None and lps[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-4)
 
 
 def test_logprobs_and_echo(tiny_server):
