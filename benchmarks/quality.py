@@ -51,6 +51,7 @@ CONFIGS: dict[str, dict | None] = {
     "mamp-b2-err-10%": dict(method="mamp", bits=2, salient_bits=2, salient_fraction=0.10, assign="error", refit=False),
     "gptq-b2-refit": dict(method="gptq", bits=2, refit=True),
     "mamp-b2": dict(method="mamp", bits=2),  # the defaults
+    "mamp-b2-start-10%": dict(method="mamp", bits=2, salient_fraction=0.10),  # the defaults, 10 % start mask
     "rtn-b4": dict(method="rtn", bits=4),
     "gptq-b4": dict(method="gptq", bits=4),
     "paper-b4-h8-5%": dict(method="mamp", assign="saliency", refit=False, bits=4, salient_bits=8, salient_fraction=0.05),
