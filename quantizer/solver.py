@@ -33,8 +33,10 @@ import torch
 from kernels.packing import (GROUP, MIN_SCALE, SCALE_DTYPE, PackedWeight, PackSpec, affine_grid, dequantize_affine,
                              pack, quantize_affine)
 
-CLIP_STEPS = 40  # shrink factors 1.00, 0.98, ..., 0.22 tried by the MSE clipping search
+CLIP_STEPS = 40  # shrink factors 1.00, 0.98, ..., 0.22: the MSE clipping search's candidates
 CLIP_STEP = 0.02
+CLIP_COARSE = 4  # the search tries every 4th candidate, then the 3 on each side of each row's best (16 of 40);
+                 # 1: all 40
 CLIP_NORM = 2.4  # error norm of the search (GPTQ's choice)
 ASSIGN_ITERS = 4  # alternating grid-fit / group-assignment rounds per scale group ("error" assignment)
 ASSIGNS = ("saliency", "error")
@@ -83,16 +85,28 @@ def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool,
     scale, zero = affine_grid(xmin, xmax, bits)
     if not mse_clip:
         return scale, zero
+    # Coarse to fine: 16 of the 40 candidates. On SmolLM2 layers (benchmarks/clip_search.py) this gives the
+    # full search's layer error to within 0.5 % (mostly 0.1 %) and halves the solver's time.
     best = _grid_error(xm, scale, zero, bits, weight)
-    for i in range(1, CLIP_STEPS):
-        p = 1.0 - CLIP_STEP * i
-        s, z = affine_grid(xmin * p, xmax * p, bits)
-        err = _grid_error(xm, s, z, bits, weight)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
+    best_i = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for i in range(CLIP_COARSE, CLIP_STEPS, CLIP_COARSE):
+        scale, zero, best, best_i = _try_clip(xm, xmin, xmax, bits, weight, torch.full_like(best_i, i),
+                                              scale, zero, best, best_i)
+    for d in [*range(1 - CLIP_COARSE, 0), *range(1, CLIP_COARSE)]:
+        scale, zero, best, best_i = _try_clip(xm, xmin, xmax, bits, weight, best_i + d, scale, zero, best, best_i)
     return scale, zero
+
+
+def _try_clip(xm, xmin, xmax, bits, weight, i, scale, zero, best, best_i):
+    """Rows whose candidate i [N] (shrink factor 1 - CLIP_STEP i; outside 0..CLIP_STEPS-1: skipped) beats
+    their best error so far take it. -> updated (scale, zero, best, best_i)."""
+    ok = (i >= 0) & (i < CLIP_STEPS)
+    p = (1.0 - CLIP_STEP * i.clamp(0, CLIP_STEPS - 1).double()).to(xm.dtype)
+    s, z = affine_grid(xmin * p, xmax * p, bits)
+    err = _grid_error(xm, s, z, bits, weight)
+    better = ok & (err < best)
+    return (torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best),
+            torch.where(better, i, best_i))
 
 
 def _grid_error(x, scale, zero, bits, weight=None):

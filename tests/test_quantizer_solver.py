@@ -59,6 +59,28 @@ def test_mse_clip_not_worse_per_grid():
     assert b <= a
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_coarse_clip_search(bits, monkeypatch):
+    """Coarse to fine tries a subset of the 40 shrink factors: per row never better than trying them all (the
+    exhaustive search, written out here), never worse than the best coarse candidate, and equal on most rows."""
+    from kernels.packing import affine_grid
+    from quantizer import solver
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(256, 128, generator=g) * torch.rand(256, 1, generator=g)
+    x[:, 5] *= 8  # an outlier column: clipping pays
+    mask = torch.rand(256, 128, generator=g) > 0.2
+    xm = torch.where(mask, x, 0.0)
+    lo, hi = xm.amin(1).clamp(max=0.0), xm.amax(1).clamp(min=0.0)
+    errs = torch.stack([solver._grid_error(xm, *affine_grid(lo * (1 - 0.02 * i), hi * (1 - 0.02 * i), bits), bits)
+                        for i in range(40)])
+    got = solver._grid_error(xm, *solver.fit_grid(x, mask, bits, True), bits)
+    assert torch.all(got >= errs.min(0).values)
+    assert torch.all(got <= errs[::solver.CLIP_COARSE].min(0).values)
+    assert (got == errs.min(0).values).float().mean() > 0.7
+    monkeypatch.setattr(solver, "CLIP_COARSE", 1)
+    assert torch.equal(solver._grid_error(xm, *solver.fit_grid(x, mask, bits, True), bits), errs.min(0).values)
+
+
 def test_saliency_picks_planted_outliers():
     n, k = 40, 96
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.01
