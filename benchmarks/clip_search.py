@@ -18,11 +18,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.layer_proxy import GROUPS  # noqa: E402
+from benchmarks.layer_proxy import layer_hessians  # noqa: E402
 from kernels.packing import PackSpec  # noqa: E402
 from quantizer import solver  # noqa: E402
-from quantizer.calibration import calibration_windows  # noqa: E402
-from quantizer.pipeline import HessianAccumulator, LayerStages, capture_inputs, decoder_layers  # noqa: E402
 from quantizer.saliency import group_saliency, top_k_mask  # noqa: E402
 
 FRACTION = {2: 0.25, 4: 0.05}  # the defaults' start fractions
@@ -40,7 +38,6 @@ def timed_solve(w, h, spec, sal, coarse: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(Path.home() / ".cache" / "mamp" / "SmolLM2-135M-Instruct"))
     p.add_argument("--layers", default="2,15")
@@ -48,39 +45,17 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16)
     a = p.parse_args()
     torch.set_num_threads(1)
-    wanted = {int(x) for x in a.layers.split(",")}
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(a.model)
-    win = calibration_windows(tok, str(ROOT.parent / "shared/assets/wikitext-2/valid.txt"), a.nsamples, 512, 0)
     print(f"| layer | linears | b | error coarse {a.coarse} / all | all s | coarse s | speed-up |\n"
           "|---|---|---|---|---|---|---|")
     with torch.no_grad():
-        x, kw = capture_inputs(model, win, "cpu")
-        for li, layer in enumerate(decoder_layers(model)):
-            if li > max(wanted):
-                break
-            st = LayerStages(layer, kw)
-            if li in wanted:
-                accs = [HessianAccumulator(layer.get_submodule(g[0][0]).in_features, "cpu") for g in GROUPS]
-                for s in range(x.shape[0]):
-                    xs = x[s:s + 1]
-                    core = st.attn_core(xs)
-                    mid = st.mid(xs, core)
-                    for acc, inp in zip(accs, (st.attn_in(xs), core, st.mlp_in(mid), st.mlp_act(mid))):
-                        acc.add(inp)
-                for (names, _), acc in zip(GROUPS, accs):
-                    w = torch.cat([layer.get_submodule(n).weight.detach().float() for n in names])
-                    h = acc.h
-                    for bits in (2, 4):
-                        spec = PackSpec(w.shape[1], w.shape[0], bits=bits, salient_bits=bits)
-                        sal = top_k_mask(group_saliency(w, solver.hinv_diagonal(h, 0.01)),
-                                         round(FRACTION[bits] * w.shape[0]))
-                        e_all, t_all = timed_solve(w, h, spec, sal, 1)
-                        e_cf, t_cf = timed_solve(w, h, spec, sal, a.coarse)
-                        print(f"| {li} | {'/'.join(n.split('.')[-1] for n in names)} | {bits} | {e_cf / e_all:.4f} | "
-                              f"{t_all:.1f} | {t_cf:.1f} | {t_all / t_cf:.2f}x |", flush=True)
-            for s in range(x.shape[0]):
-                x[s:s + 1] = st.out(*(lambda m: (m, st.mlp_act(m)))(st.mid(x[s:s + 1], st.attn_core(x[s:s + 1]))))
+        for li, names, w, h in layer_hessians(a.model, a.nsamples, {int(x) for x in a.layers.split(",")}):
+            for bits in (2, 4):
+                spec = PackSpec(w.shape[1], w.shape[0], bits=bits, salient_bits=bits)
+                sal = top_k_mask(group_saliency(w, solver.hinv_diagonal(h, 0.01)), round(FRACTION[bits] * w.shape[0]))
+                e_all, t_all = timed_solve(w, h, spec, sal, 1)
+                e_cf, t_cf = timed_solve(w, h, spec, sal, a.coarse)
+                print(f"| {li} | {'/'.join(n.split('.')[-1] for n in names)} | {bits} | {e_cf / e_all:.4f} | "
+                      f"{t_all:.1f} | {t_cf:.1f} | {t_all / t_cf:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,20 +25,13 @@ GROUPS = [(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 0), (("
           (("mlp.gate_proj", "mlp.up_proj"), 2), (("mlp.down_proj",), 3)]
 
 
-def main() -> None:
+def layer_hessians(model_dir: str, nsamples: int, wanted: set[int]):
+    """Yield (layer index, linear names, W [N, K] fp32, H [K, K]) for each linear group of the wanted layers,
+    Hessians from the float model's inputs (nsamples x 512 calibration tokens of WikiText-2 valid)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(Path.home() / ".cache" / "mamp" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--bits", type=int, default=2)
-    p.add_argument("--fraction", type=float, default=0.25)
-    p.add_argument("--layers", default="2,15,28")
-    a = p.parse_args()
-    torch.set_num_threads(1)
-    wanted = {int(x) for x in a.layers.split(",")}
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(a.model)
-    win = calibration_windows(tok, str(ROOT.parent / "shared/assets/wikitext-2/valid.txt"), 32, 512, 0)
-    print("| layer | linears | GPTQ + refit | saliency + refit | error (default) + refit |\n|---|---|---|---|---|")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    win = calibration_windows(tok, str(ROOT.parent / "shared/assets/wikitext-2/valid.txt"), nsamples, 512, 0)
     with torch.no_grad():
         x, kw = capture_inputs(model, win, "cpu")
         for li, layer in enumerate(decoder_layers(model)):
@@ -53,18 +46,30 @@ def main() -> None:
                     mid = st.mid(xs, core)
                     for acc, inp in zip(accs, (st.attn_in(xs), core, st.mlp_in(mid), st.mlp_act(mid))):
                         acc.add(inp)
-                for (names, hi), acc in zip(GROUPS, accs):
-                    w = torch.cat([layer.get_submodule(n).weight.detach().float() for n in names])
-                    h = acc.h
-                    spec = PackSpec(w.shape[1], w.shape[0], bits=a.bits, salient_bits=a.bits)
-                    sal = top_k_mask(group_saliency(w, hinv_diagonal(h, 0.01)), round(a.fraction * w.shape[0]))
-                    base = proxy_loss(w, solve(w, h, spec, None, mse_clip=True).weight, h)
-                    got = [proxy_loss(w, solve(w, h, spec, m, mse_clip=True, assign=asg, refit=True).weight, h) / base
-                           for m, asg in ((None, "saliency"), (sal, "saliency"), (sal, "error"))]
-                    print(f"| {li} | {'/'.join(n.split('.')[-1] for n in names)} | "
-                          + " | ".join(f"{g:.3f}" for g in got) + " |", flush=True)
+                for (names, _), acc in zip(GROUPS, accs):
+                    yield li, names, torch.cat([layer.get_submodule(n).weight.detach().float() for n in names]), acc.h
             for s in range(x.shape[0]):
                 x[s:s + 1] = st.out(*(lambda m: (m, st.mlp_act(m)))(st.mid(x[s:s + 1], st.attn_core(x[s:s + 1]))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(Path.home() / ".cache" / "mamp" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--fraction", type=float, default=0.25)
+    p.add_argument("--layers", default="2,15,28")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    print("| layer | linears | GPTQ + refit | saliency + refit | error (default) + refit |\n|---|---|---|---|---|")
+    with torch.no_grad():
+        for li, names, w, h in layer_hessians(a.model, 32, {int(x) for x in a.layers.split(",")}):
+            spec = PackSpec(w.shape[1], w.shape[0], bits=a.bits, salient_bits=a.bits)
+            sal = top_k_mask(group_saliency(w, hinv_diagonal(h, 0.01)), round(a.fraction * w.shape[0]))
+            base = proxy_loss(w, solve(w, h, spec, None, mse_clip=True).weight, h)
+            got = [proxy_loss(w, solve(w, h, spec, m, mse_clip=True, assign=asg, refit=True).weight, h) / base
+                   for m, asg in ((None, "saliency"), (sal, "saliency"), (sal, "error"))]
+            print(f"| {li} | {'/'.join(n.split('.')[-1] for n in names)} | "
+                  + " | ".join(f"{g:.3f}" for g in got) + " |", flush=True)
 
 
 if __name__ == "__main__":
