@@ -81,7 +81,12 @@ def _time_one(fn, device: torch.device) -> float:
 
 def time_calls(fns: list, device: torch.device, repeats: int, warmup: int, max_seconds: float) -> list[float]:
     """Median seconds per call of each fn. Calls alternate round-robin, so that load from other processes on a
-    shared machine falls on all of them alike."""
+    shared machine falls on all of them alike. On CUDA, triton's do_bench instead: it clears the L2 cache before
+    every call (so weights stream from device memory, as in decode) and times with CUDA events."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return [do_bench(fn, warmup=10, rep=max(20, int(max_seconds * 40)), return_mode="median") / 1e3
+                for fn in fns]
     for fn in fns:
         for _ in range(warmup):
             fn()

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for whenever a GPU machine is lent: the Triton kernel tests on CUDA, the kernel
+# timings on the Llama-7B and SmolLM2 shapes (packed vs fp32 / bf16 cuBLAS, GB/s against the measured copy
+# bandwidth), and, when a small model is given, quantize + perplexity on CUDA against the CPU figure.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [ASSETS_DIR]
+#
+# OUT_DIR receives env.txt, tests.log, kernels_b<b>h<h>.md per format, e2e.log and the tuned configs
+# (autotune/<gpu>.json). ASSETS_DIR (optional) holds stories260K/ (the model), valid.txt (calibration) and
+# test.txt (evaluation text), e.g. copies of ../shared/assets; without it the end-to-end step is skipped.
+# Every step has its own time cap, so a slow step costs only itself; the whole script stays under 8 minutes on
+# one H100/H200. Environment: PYTHON (default python3), FORMATS (default "4,4 2,8 2,2": b,h pairs to time).
+set -uo pipefail
+OUT_DIR=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR [ASSETS_DIR]}" && cd "$1" && pwd)
+ASSETS=${2:-}
+if [ -n "$ASSETS" ]; then ASSETS=$(cd "$ASSETS" && pwd); fi
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+FORMATS=${FORMATS:-"4,4 2,8 2,2"}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
+T0=$(date +%s)
+step() { echo "== $(($(date +%s) - T0)) s: $*"; }
+
+step "environment" | tee "$OUT_DIR/env.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+  lscpu | grep -m1 'Model name'
+} >> "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+step "Triton kernel tests on CUDA"
+XDIST=""
+if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi  # parallel compiles
+# shellcheck disable=SC2086
+timeout 150 $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_autotune.py -o addopts= -q \
+  -p no:cacheprovider $XDIST 2>&1 | tee "$OUT_DIR/tests.log"
+echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/tests.log"
+
+for fmt in $FORMATS; do
+  b=${fmt%,*}; h=${fmt#*,}
+  step "kernel timings b=$b h=$h"
+  timeout 100 $PY benchmarks/kernels.py --device cuda --shapes llama7b,smollm2 --ms 1,4,16,256,2048 \
+    --bits "$b" --salient-bits "$h" 2>&1 | tee "$OUT_DIR/kernels_b${b}h${h}.md"
+done
+
+if [ -n "$ASSETS" ] && [ -d "$ASSETS/stories260K" ]; then
+  step "end to end: quantize stories260K on CUDA, perplexity on CUDA and CPU"
+  {
+    CK=$(mktemp -d)/stories-b4
+    timeout 60 $PY -m quantizer "$ASSETS/stories260K" --out "$CK" --bits 4 --calib "$ASSETS/valid.txt" \
+      --nsamples 32 --seqlen 256 --device cuda 2>&1 | grep -v '%|' 
+    for dev in cuda cpu; do
+      timeout 45 $PY -m quantizer.eval "$CK" --text "$ASSETS/test.txt" --seqlen 256 --max-tokens 65536 \
+        --device "$dev" 2>&1 | grep -v '%|'
+    done
+  } 2>&1 | tee "$OUT_DIR/e2e.log"
+fi
+step "done"
