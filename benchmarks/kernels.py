@@ -5,8 +5,11 @@
     python benchmarks/kernels.py --half --ms 1,4,16,256 --threads 1   # 16-bit weight (lm_head 576 x 49152)
 
 Prints a markdown table: median times (warm-up first) and ratios t(nn.Linear) / t(packed) (> 1: packed is
-faster). On a GPU also the achieved bandwidth over the bytes the packed kernel must read (words, bitmap, both
-grids' scales and zeros, activations) against the device's copy bandwidth (a large Tensor.copy_).
+faster). On a GPU every candidate is timed inside a CUDA graph over its own copies of the weights (together
+twice the L2 cache where the shape allows), which is the GPU time a graph-captured decode step sees; the
+packed call's eager time (Python and launch overhead included, L2 cleared by do_bench) is the last column. Also
+on a GPU: the achieved bandwidth over the bytes the packed kernel must read (words, bitmap, both grids' scales
+and zeros, activations) against the device's copy bandwidth (a large Tensor.copy_).
 
 --half times kernels.half_linear.half_matmul (fp32 activations, a bf16 or fp16 weight kept in 16 bits) against
 the same fp32 and bf16 nn.Linear, by default on SmolLM2's tied lm_head (K=576, N=49152).
@@ -130,13 +133,82 @@ def _vs_linear(a: BenchArgs, device, act, k: int, n: int, candidate, weight_byte
         with torch.inference_mode():
             t, t32, t16 = time_calls([lambda: candidate(xa), lambda: lin32(x), lambda: lin16(x16)],
                                      device, a.repeats, a.warmup, a.max_seconds)
-        row = {"K": k, "N": n, "M": m, "packed_us": t * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
-               "vs_fp32": t32 / t, "vs_bf16": t16 / t}
-        if copy_bw is not None:
-            row["GB/s"] = (weight_bytes + m * k * xa.element_size()) / t / 1e9
-            row["of_copy"] = row["GB/s"] / copy_bw
-        rows.append(row)
-        print(format_row(row), flush=True)
+        rows.append(_row(k, n, m, t, t32, t16, weight_bytes, m * k * xa.element_size(), copy_bw))
+    return rows
+
+
+def _row(k, n, m, t, t32, t16, weight_bytes, x_bytes, copy_bw, eager=None) -> dict:
+    row = {"K": k, "N": n, "M": m, "packed_us": t * 1e6, "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6,
+           "vs_fp32": t32 / t, "vs_bf16": t16 / t}
+    if eager is not None:
+        row["eager_us"] = eager * 1e6
+    if copy_bw is not None:
+        row["GB/s"] = (weight_bytes + x_bytes) / t / 1e9
+        row["of_copy"] = row["GB/s"] / copy_bw
+    print(format_row(row), flush=True)
+    return row
+
+
+def graph_time(fns: list, device: torch.device, replays: int = 10, rounds: int = 3) -> float:
+    """Seconds per call with the CPU out of the way: fns called back to back inside one CUDA graph, the graph
+    replayed; the median over rounds of total / (replays * len(fns)). Give each fn its own weights, together
+    larger than the L2 cache, so that weights stream from device memory as in a model's forward."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # compile, autotune and allocate before capturing
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (replays * len(fns)))
+    del graph
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, device: torch.device, cap: int = 64) -> int:
+    """How many copies of a weight of nbytes make twice the L2 cache (at most cap)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(cap, -(-2 * l2 // max(1, nbytes))))
+
+
+def _vs_linear_cuda(a: BenchArgs, device, act, k: int, n: int, packed: PackedWeight, copy_bw: float) -> list[dict]:
+    """CUDA: packed vs fp32 / bf16 nn.Linear, each timed in a CUDA graph over its own copies of the weights
+    (graph_time), plus the packed call's eager time (do_bench: Python and launch overhead included)."""
+    packs = [packed] + [PackedWeight(packed.spec, **{name: t.clone() for name, t in packed.tensors().items()})
+                        for _ in range(copies_for(packed.nbytes, device) - 1)]
+    lin32 = [torch.nn.Linear(k, n, bias=False, device=device) for _ in range(copies_for(4 * k * n, device))]
+    lin16 = [torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+             for _ in range(copies_for(2 * k * n, device))]
+    rows = []
+    for m in a.ms:
+        x = torch.randn(m, k, device=device)
+        xa, x16 = x.to(act), x.to(torch.bfloat16)
+        with torch.inference_mode():
+            (eager,) = time_calls([lambda: packed_matmul(xa, packed)], device, a.repeats, a.warmup, a.max_seconds)
+            try:
+                t = graph_time([lambda p=p: packed_matmul(xa, p) for p in packs], device)
+                t32 = graph_time([lambda lin=lin: lin(x) for lin in lin32], device)
+                t16 = graph_time([lambda lin=lin: lin(x16) for lin in lin16], device)
+            except RuntimeError as e:  # no graph capture: eager timings for all three, said so
+                print(f"CUDA graph capture failed ({str(e).splitlines()[0]}); eager timings", flush=True)
+                t, t32, t16 = time_calls([lambda: packed_matmul(xa, packed), lambda: lin32[0](x),
+                                          lambda: lin16[0](x16)], device, a.repeats, a.warmup, a.max_seconds)
+        rows.append(_row(k, n, m, t, t32, t16, packed.nbytes, m * k * xa.element_size(), copy_bw, eager))
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -148,7 +220,10 @@ def run(a: BenchArgs) -> list[dict]:
         spec = PackSpec(k, n, bits=a.bits, salient_bits=a.salient_bits, group_size=a.group_size,
                         salient_group_size=a.group_size)
         packed = random_packed(spec, a.salient_frac, a.device)
-        rows += _vs_linear(a, device, act, k, n, lambda xa: packed_matmul(xa, packed), packed.nbytes, copy_bw)
+        if device.type == "cuda":
+            rows += _vs_linear_cuda(a, device, act, k, n, packed, copy_bw)
+        else:
+            rows += _vs_linear(a, device, act, k, n, lambda xa: packed_matmul(xa, packed))
     if copy_bw is not None:
         print(f"\ncopy bandwidth ({torch.cuda.get_device_name(device)}): {copy_bw:.0f} GB/s")
     return rows
@@ -172,7 +247,7 @@ def format_row(r: dict) -> str:
     s = (f"| {r['K']} | {r['N']} | {r['M']} | {r['packed_us']:.1f} | {r['fp32_us']:.1f} | {r['bf16_us']:.1f} | "
          f"{r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x |")
     if "GB/s" in r:
-        s += f" {r['GB/s']:.0f} | {100 * r['of_copy']:.0f}% |"
+        s += f" {r['GB/s']:.0f} | {100 * r['of_copy']:.0f}% | {r['eager_us']:.1f} |"
     return s
 
 
@@ -220,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|" + "---|" * (HALF_HEADER.count("|") - 1))
         run_half(a)
         return
-    header = HEADER + (" GB/s | of copy BW |" if a.device == "cuda" else "")
+    header = HEADER + (" GB/s | of copy BW | packed eager us |" if a.device == "cuda" else "")
     print(f"packed b={a.bits} h={a.salient_bits} gs={a.group_size} salient={a.salient_frac:.0%}, "
           f"threads={torch.get_num_threads() if a.threads is None else a.threads}, device={a.device}\n")
     print(header)

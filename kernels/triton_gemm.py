@@ -1,9 +1,9 @@
 """Prefill packed matmul (large M) in Triton: a tiled GEMM that dequantizes weight tiles in registers.
 
 Program (pid_m, pid_n) owns a [BLOCK_M, BLOCK_N] output tile. Per step it loads BLOCK_R word rows x BLOCK_N
-columns (each word once), and for each of the 32/b rows a word covers decodes a [BLOCK_R, BLOCK_N] weight slice
-and multiplies it with the matching [BLOCK_M, BLOCK_R] activation slice (columns r*(32/b) + i) on the tensor
-cores, accumulating in fp32. Together the 32/b dots cover a K step of BLOCK_R * 32/b rows.
+columns (each word once), dequantizes them in input-row order into a [BLOCK_R * 32/b, BLOCK_N] weight tile and
+multiplies it with the matching contiguous [BLOCK_M, BLOCK_R * 32/b] activation tile in one tl.dot on the tensor
+cores, accumulating in fp32.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import triton.language as tl
 
 from kernels.packing import PackedWeight
 from kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from kernels.triton_decode import check_launch_args, decode_code, load_word_rows
+from kernels.triton_decode import check_launch_args, dequant_tile, load_word_rows
 
 GROUP_M = 8  # program-id swizzle: neighbouring programs share weight tiles in L2
 
@@ -27,6 +27,7 @@ def packed_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
 ):
     VPW: tl.constexpr = 32 // B
+    BLOCK_K: tl.constexpr = BLOCK_R * VPW
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -46,15 +47,14 @@ def packed_gemm_kernel(
         mask_r = offs_r < R
         words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
                                                  mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
-        for i in tl.static_range(VPW):
-            w = decode_code(words, sal, scale, zero, i, B, H)  # [BLOCK_R, BLOCK_N] fp32
-            k = offs_r * VPW + i
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                         mask=mask_m[:, None] & (mask_r & (k < K))[None, :], other=0.0)
-            if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
-                acc = tl.dot(xv.to(tl.float32), w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv, w.to(xv.dtype), acc)
+        w = dequant_tile(words, sal, scale, zero, B, H, BLOCK_R, BLOCK_N)  # [BLOCK_K, BLOCK_N] fp32
+        offs_k = r0 * VPW + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
+            acc = tl.dot(xv.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xv, w.to(xv.dtype), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -107,13 +107,15 @@ def _cfg(bm: int, bn: int, br: int, warps: int, stages: int) -> KernelConfig:
     return KernelConfig(blocks={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
 
 
-# Curated: BLOCK_R word rows = BLOCK_R * 32/b input rows per step (256 for b=2, BLOCK_R=16).
+# Curated: a K step is BLOCK_R * 32/b input rows (BLOCK_R = 8: 128 rows at b = 2, 64 at b = 4). Configs whose
+# tiles overflow shared memory fail to compile and the tuner skips them.
 GEMM_CONFIGS = [
-    _cfg(64, 128, 16, 4, 3),
-    _cfg(128, 128, 16, 8, 3),
-    _cfg(128, 64, 16, 4, 3),
-    _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 256, 16, 8, 3),
-    _cfg(32, 128, 32, 4, 4),
+    _cfg(128, 128, 8, 8, 3),
+    _cfg(128, 256, 8, 8, 3),
+    _cfg(64, 128, 8, 4, 4),
+    _cfg(128, 128, 16, 8, 2),
+    _cfg(64, 256, 16, 8, 2),
+    _cfg(64, 64, 16, 4, 3),
+    _cfg(32, 128, 8, 4, 4),
 ]
 GEMM_TUNER = DiskAutotuner("packed_gemm", GEMM_CONFIGS)

@@ -1,8 +1,10 @@
 """Decode-time packed matmul (M <= 16) in Triton: stream the packed words once, split-K over programs.
 
 Each program owns BLOCK_N columns and one of SPLIT_K slices of the word rows. It loads a [BLOCK_R, BLOCK_N] tile of
-words (each word exactly once), decodes the 32/b rows every word covers, and accumulates in fp32: for M = 1 as
-elementwise products reduced once at the end, for 1 < M <= 16 with tl.dot on a 16-row activation tile.
+words (each word exactly once) and accumulates in fp32. M = 1: one FMA per code on the raw code (q, not
+(q - zero) * scale), the word's grid applied once per word as scale * (sum q x - zero * sum x), and the products
+reduced over rows once at the end. 1 < M <= 16: the tile is dequantized in input-row order and multiplied with
+a 16-row activation tile in one tl.dot over all BLOCK_R * 32/b rows.
 SPLIT_K > 1 adds the partial sums into an fp32 workspace with atomics; a cast to x.dtype follows.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import triton.language as tl
 
 from kernels.packing import PackedWeight
 from kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from kernels.triton_decode import check_launch_args, decode_code, load_word_rows
+from kernels.triton_decode import MAGIC, check_launch_args, code_bits, dequant_tile, load_word_rows
 
 MAX_M = 16  # rows this kernel serves; PackedLinear sends larger M to the GEMM
 DOT_M = 16  # activation tile for 1 < M <= 16 (tl.dot needs 16)
@@ -28,6 +30,7 @@ def packed_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     VPW: tl.constexpr = 32 // B
+    BLOCK_K: tl.constexpr = BLOCK_R * VPW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,20 +48,25 @@ def packed_gemv_kernel(
         mask_r = offs_r < r_end
         words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
                                                  mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
-        for i in tl.static_range(VPW):
-            w = decode_code(words, sal, scale, zero, i, B, H)  # [BLOCK_R, BLOCK_N] fp32
-            k = offs_r * VPW + i
-            mask_k = mask_r & (k < K)  # rows K..K_pad are padding
-            if BLOCK_M == 1:
-                xv = tl.load(x_ptr + k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
-                acc2 += w * xv[:, None]
+        if BLOCK_M == 1:
+            # Per word: scale * (sum_i q_i x_i - zero * sum_i x_i), so the inner loop is one FMA per code.
+            t = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for i in tl.static_range(VPW):
+                k = offs_r * VPW + i
+                xv = tl.load(x_ptr + k * stride_xk, mask=mask_r & (k < K), other=0.0).to(tl.float32)
+                t += (code_bits(words, sal, i, B, H) - MAGIC) * xv[:, None]
+                xsum += xv
+            acc2 += scale * (t - zero * xsum[:, None])
+        else:
+            w = dequant_tile(words, sal, scale, zero, B, H, BLOCK_R, BLOCK_N)  # [BLOCK_K, BLOCK_N] fp32
+            offs_k = r0 * VPW + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & ((offs_k < K) & (offs_k < r_end * VPW))[None, :], other=0.0)
+            if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
+                acc = tl.dot(xv.to(tl.float32), w, acc, input_precision="ieee")
             else:
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
-                    acc = tl.dot(xv.to(tl.float32), w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xv, w.to(xv.dtype), acc)
+                acc = tl.dot(xv, w.to(xv.dtype), acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
     if HAS_BIAS:  # added by the first K slice only
@@ -120,14 +128,16 @@ def _cfg(bn: int, br: int, split: int, warps: int = 4, stages: int = 2) -> Kerne
     return KernelConfig(blocks={"BLOCK_N": bn, "BLOCK_R": br, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
 
 
-# Curated: wide column tiles for big N, split-K for short-and-wide layers where N alone leaves SMs idle.
+# Curated: wide column tiles for big N, split-K for short-and-wide layers where N alone leaves SMs idle; short
+# BLOCK_R for 1 < M <= 16, whose dequantized tile holds BLOCK_R * 32/b rows.
 GEMV_CONFIGS = [
     _cfg(128, 16, 1),
     _cfg(256, 16, 1),
-    _cfg(128, 32, 1),
     _cfg(128, 16, 4),
     _cfg(64, 32, 8),
-    _cfg(256, 32, 2, warps=8),
     _cfg(64, 16, 16),
+    _cfg(64, 8, 16),
+    _cfg(128, 8, 8),
+    _cfg(256, 32, 2, warps=8),
 ]
 GEMV_TUNER = DiskAutotuner("packed_gemv", GEMV_CONFIGS)
