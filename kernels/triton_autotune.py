@@ -55,13 +55,25 @@ def _device_tag(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unknown"
 
 
+def gpu_time_ms(fn: Callable[[], object]) -> float:
+    """Median GPU ms of one fn() call, timed inside a CUDA graph so that the Python launch path (50-200 us on an
+    H200, more than most decode kernels take: docs/RESULTS.md) does not decide between configs. Falls back to
+    eager do_bench where the call cannot be captured."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception:  # noqa: BLE001 - capture unsupported here: time eagerly; a config that fails runs raise again
+        return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
 class DiskAutotuner:
     """Picks the fastest of `configs` per key, remembering the choice in memory and in one JSON file per GPU."""
 
     def __init__(self, name: str, configs: list[KernelConfig], timer: Callable[[Callable], float] | None = None):
         self.name = name
         self.configs = configs
-        self.timer = timer  # ms per call of a thunk; None: triton.testing.do_bench
+        self.timer = timer  # ms per call of a thunk; None: gpu_time_ms (CUDA-graph timing)
         self._chosen: dict[str, KernelConfig] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
@@ -106,12 +118,7 @@ class DiskAutotuner:
             self._load(tag)
             if full in self._chosen:
                 return self._chosen[full]
-        timer = self.timer
-        if timer is None:
-            from triton.testing import do_bench
-
-            def timer(fn):
-                return do_bench(fn, warmup=5, rep=20)
+        timer = self.timer or gpu_time_ms
 
         best, best_ms = self.configs[0], float("inf")
         for cfg in self.configs:
