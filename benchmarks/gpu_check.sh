@@ -3,20 +3,30 @@
 # timings on the Llama-7B and SmolLM2 shapes (packed vs fp32 / bf16 cuBLAS, GB/s against the measured copy
 # bandwidth), and, when a small model is given, quantize + perplexity on CUDA against the CPU figure.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [ASSETS_DIR]
+#   bash benchmarks/gpu_check.sh --prepare-assets .gpu_assets   # here, once: copies from ../shared/assets
+#   bash benchmarks/gpu_check.sh OUT_DIR [ASSETS_DIR]             # on the GPU machine (carry .gpu_assets)
+#
+# The device tool carries only the repository: list the assets folder in .git/info/exclude and in `carry`.
 #
 # OUT_DIR receives env.txt, tests.log, kernels_b<b>h<h>.md per format, e2e.log and the tuned configs
 # (autotune/<gpu>.json). ASSETS_DIR (optional) holds stories260K/ (the model), valid.txt (calibration),
 # test.txt (evaluation text): copies of ../shared/assets; without it the end-to-end step is skipped.
 # Every step has its own time cap, so a slow step costs only itself; the whole script stays under 8 minutes on
-# one H100/H200. Environment: PYTHON (default python3), FORMATS (default "4,4 2,8 2,2": b,h pairs to time).
+# one H100/H200. Environment: PYTHON (default python3), FORMATS (default "4,4 2,8": b,h pairs to time).
 set -uo pipefail
+if [ "${1:-}" = "--prepare-assets" ]; then
+  DEST=${2:?usage: gpu_check.sh --prepare-assets DIR}
+  SRC="$(cd "$(dirname "$0")/.." && pwd)/../shared/assets"
+  mkdir -p "$DEST" && cp -r "$SRC/models/stories260K" "$DEST/" && cp "$SRC/wikitext-2/valid.txt" "$DEST/valid.txt" \
+    && cp "$SRC/wikitext-2-raw/test.txt" "$DEST/test.txt" && echo "assets in $DEST" && exit 0
+  echo "error: could not copy the assets from $SRC" >&2; exit 2
+fi
 OUT_DIR=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR [ASSETS_DIR]}" && cd "$1" && pwd)
 ASSETS=${2:-}
 if [ -n "$ASSETS" ]; then ASSETS=$(cd "$ASSETS" && pwd); fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-FORMATS=${FORMATS:-"4,4 2,8 2,2"}
+FORMATS=${FORMATS:-"4,4 2,8"}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
 T0=$(date +%s)
 step() { echo "== $(($(date +%s) - T0)) s: $*"; }
