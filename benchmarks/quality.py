@@ -81,7 +81,7 @@ def run_single(model_dir: str, name: str, overrides: dict | None, protocol: str,
     tok = AutoTokenizer.from_pretrained(model_dir)
     row = {"name": name, "protocol": protocol, "bits_per_weight": 16.0, "quant_seconds": 0.0}
     if overrides is not None:
-        spec = QuantSpec(calib=str(CALIB), nsamples=proto["nsamples"], seqlen=proto["seqlen"], **overrides)
+        spec = QuantSpec.build(calib=str(CALIB), nsamples=proto["nsamples"], seqlen=proto["seqlen"], **overrides)
         t0 = time.time()
         windows = None if spec.method == "rtn" else calibration_windows(tok, spec.calib, spec.nsamples, spec.seqlen, spec.seed)
         qm = quantize_model(model, spec, windows, progress=False)

@@ -1,54 +1,129 @@
-"""Which kernel multiplies a packed layer on which device, and why the others cannot.
+"""Which kernel multiplies a packed layer on which device, chosen once per layer (at load), and why the others
+cannot.
 
-Order: CUDA -> Triton (GEMV for M <= 16, GEMM above); CPU -> the C++ extension (or its torch twin); anything
-else -> the pure-torch reference. Every path dequantizes transiently at most; none keeps a weight copy.
+KERNELS is tried in order; the first whose `can_implement(spec, device)` says yes serves the layer, and every
+refused kernel is logged with its reason. Order: Triton on CUDA (GEMV for M <= 16, GEMM above), the C++ CPU
+extension, its pure-torch twin on the CPU, and the pure-torch reference anywhere. Every path dequantizes
+transiently at most; none keeps a weight copy.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from kernels.cpu_matmul import packed_matmul_cpu
 from kernels.packing import PackedWeight, PackSpec
 from kernels.reference import packed_matmul_reference
+
+log = logging.getLogger(__name__)
 
 GEMV_MAX_M = 16
 INT32_MAX = 2**31 - 1
 
+MatmulFn = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to compute y = x W^T + bias from a PackedWeight: fn(x, packed, bias) -> y."""
+
+    name: str
+    fn: MatmulFn
+    can_implement: Callable[[PackSpec, torch.device], tuple[bool, str]]
+
+
+def _triton_matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    m = x.numel() // max(1, x.shape[-1])
+    if 1 <= m <= GEMV_MAX_M:
+        from kernels.triton_gemv import packed_gemv
+        return packed_gemv(x, packed, bias)
+    from kernels.triton_gemm import packed_gemm
+    return packed_gemm(x, packed, bias)
+
+
+def _triton_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"Triton kernels run on CUDA, not {device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if max(spec.qweight_rows, spec.padded_in) * spec.out_features > INT32_MAX:
+        return False, "layer too large for the kernels' int32 offsets"
+    return True, "triton"
+
+
+def _cpu_ext_matmul(x, packed, bias=None):
+    from kernels.cpu_matmul import packed_matmul_cpu
+    return packed_matmul_cpu(x, packed, bias)
+
+
+def _cpu_ext_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, f"the C++ kernel runs on the CPU, not {device.type}"
+    from kernels.cpu_matmul import ext_error, load_extension
+    if load_extension() is None:
+        return False, f"the C++ extension is unavailable ({ext_error()})"
+    return True, "cpu"
+
+
+def _cpu_torch_matmul(x, packed, bias=None):
+    from kernels.cpu_matmul import packed_matmul_torch
+    return packed_matmul_torch(x, packed, bias)
+
+
+def _cpu_torch_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, f"the torch CPU path runs on the CPU, not {device.type}"
+    return True, "cpu (torch)"
+
+
+def _reference_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
+    return True, "reference"
+
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("triton", _triton_matmul, _triton_ok),
+    Kernel("cpu", _cpu_ext_matmul, _cpu_ext_ok),
+    Kernel("cpu-torch", _cpu_torch_matmul, _cpu_torch_ok),
+    Kernel("reference", packed_matmul_reference, _reference_ok),
+)
+
+
+def choose_kernel(spec: PackSpec, device: torch.device | str, kernels: tuple[Kernel, ...] = KERNELS,
+                  layer: str = "") -> Kernel:
+    """The first kernel of `kernels` that can serve this layer on this device; refusals are logged (debug)."""
+    device = torch.device(device)
+    for k in kernels:
+        ok, reason = k.can_implement(spec, device)
+        if ok:
+            return k
+        log.debug("%s: kernel %s refused: %s", layer or spec, k.name, reason)
+    raise RuntimeError(f"no kernel can serve {spec} on {device}")  # unreachable with the reference last
+
 
 def can_implement(spec: PackSpec, device: torch.device | str) -> tuple[bool, str]:
-    """(ok, reason): whether a fast kernel (not the reference) serves this layer on this device."""
+    """(ok, reason): whether a fast kernel (not the reference, nor the torch fallback) serves this layer here."""
     device = torch.device(device)
-    if device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed"
-        if max(spec.qweight_rows, spec.padded_in) * spec.out_features > INT32_MAX:
-            return False, "layer too large for the kernels' int32 offsets"
-        return True, "triton"
-    if device.type == "cpu":
-        return True, "cpu"
-    return False, f"no packed kernel for device type {device.type!r}; using the reference"
+    reasons = []
+    for k in KERNELS[:2]:
+        ok, reason = k.can_implement(spec, device)
+        if ok:
+            return True, reason
+        reasons.append(reason)
+    return False, f"no packed kernel for {device.type}: " + "; ".join(reasons) + "; using the reference"
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_choice(spec: PackSpec, device: torch.device) -> Kernel:
+    return choose_kernel(spec, device)
 
 
 def packed_matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + bias on x's device with the best kernel that can serve it. x: [..., K]; returns [..., N].
-
-    Under autograd (x needs a gradient) the differentiable reference runs instead: the kernels write into
-    preallocated outputs, which autograd cannot trace. Inference (no_grad / inference_mode) never sees this.
-    """
+    """y = x W^T + bias on x's device with the kernel choose_kernel picks (remembered per spec and device), for
+    callers without a PackedLinear. Under autograd the differentiable reference runs instead."""
     if x.requires_grad and torch.is_grad_enabled():
         return packed_matmul_reference(x, packed, bias)
-    if x.device.type == "cpu":  # the common serving case first: no per-call checks beyond the kernel's own
-        return packed_matmul_cpu(x, packed, bias)
-    ok, _ = can_implement(packed.spec, x.device)
-    if not ok:
-        return packed_matmul_reference(x, packed, bias)
-    if x.device.type == "cuda":
-        m = x.numel() // max(1, x.shape[-1])
-        if 1 <= m <= GEMV_MAX_M:
-            from kernels.triton_gemv import packed_gemv
-            return packed_gemv(x, packed, bias)
-        from kernels.triton_gemm import packed_gemm
-        return packed_gemm(x, packed, bias)
-    return packed_matmul_reference(x, packed, bias)
+    return _cached_choice(packed.spec, x.device).fn(x, packed, bias)

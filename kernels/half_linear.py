@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cpu_matmul
+from kernels.packing import aligned, is_aligned
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 SMALL_M = cpu_matmul.SMALL_M  # streaming kernel up to this many rows of x; above, upcast row blocks + BLAS
@@ -154,13 +155,15 @@ def half_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _as_weight(weight: torch.Tensor) -> nn.Parameter:
-    """A 16-bit Parameter(requires_grad=False): an existing Parameter is kept as is (shared), a tensor wrapped."""
+    """A 16-bit Parameter(requires_grad=False): an existing aligned Parameter is kept as is (shared), a tensor
+    wrapped."""
     if weight.dtype not in HALF_DTYPES:
         raise ValueError(f"weight must be bf16 or fp16, got {weight.dtype} (convert it first, e.g. from_linear)")
-    if isinstance(weight, nn.Parameter):
+    if isinstance(weight, nn.Parameter) and is_aligned(weight):
         weight.requires_grad_(False)
         return weight
-    return nn.Parameter(weight.detach(), requires_grad=False)
+    # A CPU table off a cache line (as read from a safetensors file) is copied once onto one: the GEMV streams it.
+    return nn.Parameter(aligned(weight.detach()), requires_grad=False)
 
 
 class _Keep16Bit(nn.Module):

@@ -4,16 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.dispatch import packed_matmul
-from kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec
+from kernels.dispatch import choose_kernel
+from kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned
+from kernels.reference import packed_matmul_reference
 
 
 class PackedLinear(nn.Module):
     """Drop-in replacement for nn.Linear(in_features, out_features) with packed weights.
 
     Buffers (see docs/FORMAT.md): qweight, bitmap, scales, zeros, hscales, hzeros, and bias (or None).
-    forward multiplies straight from them (kernels/dispatch.py: Triton on CUDA, the CPU kernel on CPU, the
-    reference elsewhere) and keeps no dequantized weight.
+    forward multiplies straight from them with the kernel chosen once by process_after_loading
+    (kernels/dispatch.py: Triton on CUDA, the CPU kernel on CPU, the reference elsewhere) and keeps no
+    dequantized weight.
     """
 
     def __init__(self, spec: PackSpec, bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -34,24 +36,50 @@ class PackedLinear(nn.Module):
             getattr(layer, name).copy_(t)
         if bias is not None:
             layer.bias.copy_(bias)
+        layer.process_after_loading()
         return layer
 
     @property
     def packed(self) -> PackedWeight:
         return PackedWeight(self.spec, **{name: getattr(self, name) for name in TENSOR_NAMES})
 
-    def _packed_view(self) -> PackedWeight:
-        """self.packed, rebuilt only when a buffer was replaced (.to(), .cuda(), assignment): building and
-        validating a PackedWeight costs ~10 us, as much as a small decode matmul. It holds the buffers, no copy."""
-        bufs = self._buffers
-        view = self.__dict__.get("_packed_cache")
-        if view is None or any(getattr(view, name) is not bufs[name] for name in TENSOR_NAMES):
-            view = self.packed
-            self.__dict__["_packed_cache"] = view
-        return view
+    def process_after_loading(self) -> None:
+        """Make the layer ready to serve where its buffers now are: align CPU buffers on cache lines (a tensor
+        read from a safetensors file starts wherever the header left it, 8-byte steps; the CPU kernels ran 1.7x
+        slower on packed words 8 bytes off a cache line: SmolLM2 MLP, M = 1, 1.43 vs 0.86 ms), then choose the
+        kernel once (kernels/dispatch.py: refused kernels are logged with their reason). Runs again after every
+        .to() / .cuda() (see _apply), so forward never selects."""
+        for name in (*TENSOR_NAMES, "bias"):
+            t = self._buffers.get(name)
+            if t is not None and not t.is_meta:
+                self._buffers[name] = aligned(t)
+        if self.qweight.is_meta:
+            self.__dict__.pop("_kernel", None)
+            self.__dict__.pop("_view", None)
+            return
+        self.__dict__["_view"] = self.packed  # holds the buffers, no copy
+        self.__dict__["_kernel"] = choose_kernel(self.spec, self.qweight.device, layer=self.extra_repr())
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.process_after_loading()
+        return out
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel chosen at load ("" before the buffers hold data)."""
+        k = self.__dict__.get("_kernel")
+        return k.name if k is not None else ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_matmul(x, self._packed_view(), self.bias)
+        if x.requires_grad and torch.is_grad_enabled():  # the kernels are not differentiable: the reference is
+            return packed_matmul_reference(x, self.packed, self.bias)
+        view = self.__dict__.get("_view")
+        bufs = self._buffers
+        if view is None or any(getattr(view, name) is not bufs[name] for name in TENSOR_NAMES):
+            self.process_after_loading()  # buffers replaced without .to() (e.g. load_state_dict(assign=True))
+            view = self.__dict__["_view"]
+        return self.__dict__["_kernel"].fn(x, view, self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -20,13 +20,25 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-FORMAT_VERSION = 1
 GROUP = 16  # weights per group: one SIMD unit, one bitmap bit
 WORD_BITS = 32
 SCALE_DTYPE = torch.float16
 ZERO_DTYPE = torch.uint8
 # Smallest scale we store: keeps fp16 scales normal and finite for all-constant groups.
 MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+BITS = (2, 4)  # allowed base widths b
+SALIENT_BITS = (2, 4, 8)  # allowed salient widths h (h >= b)
+ALIGN = 64  # bytes: a cache line / AVX-512 vector; the CPU kernels want their tensors to start on one
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    """Whether t needs no copy to start on an ALIGN-byte boundary (always true off the CPU)."""
+    return t.device.type != "cpu" or t.data_ptr() % ALIGN == 0
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or (on the CPU) a copy starting on an ALIGN-byte boundary (torch's CPU allocator aligns to 64)."""
+    return t if is_aligned(t) else t.clone()
 
 
 @dataclass(frozen=True)
@@ -43,10 +55,10 @@ class PackSpec:
     def __post_init__(self) -> None:
         if self.in_features < 1 or self.out_features < 1:
             raise ValueError(f"bad shape {self.out_features}x{self.in_features}")
-        if self.bits not in (2, 4):
-            raise ValueError(f"bits must be 2 or 4, got {self.bits}")
-        if self.salient_bits not in (2, 4, 8) or self.salient_bits < self.bits:
-            raise ValueError(f"salient_bits must be in (2, 4, 8) and >= bits, got {self.salient_bits}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.salient_bits not in SALIENT_BITS or self.salient_bits < self.bits:
+            raise ValueError(f"salient_bits must be one of {SALIENT_BITS} and >= bits, got {self.salient_bits}")
         for name in ("group_size", "salient_group_size"):
             v = getattr(self, name)
             if v < GROUP or v % GROUP:

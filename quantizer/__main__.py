@@ -8,7 +8,7 @@ from pathlib import Path
 
 from quantizer.config import ASSIGNS, KEEP_DTYPES, METHODS, QuantSpec, SpecError
 
-DEFAULTS = QuantSpec()
+DEFAULTS = QuantSpec.build()
 
 
 class UsageError(Exception):
@@ -63,7 +63,7 @@ def spec_from_args(a) -> QuantSpec:
     kw = {}
     if a.salient_fraction is not None:
         kw["salient_fraction"] = a.salient_fraction
-    return QuantSpec(method=a.method, bits=a.bits, salient_bits=a.salient_bits, top_k=a.top_k,
+    return QuantSpec.build(method=a.method, bits=a.bits, salient_bits=a.salient_bits, top_k=a.top_k,
                      group_size=a.group_size, salient_group_size=a.salient_group_size, mse_clip=not a.no_mse_clip,
                      true_sequential=not a.no_true_sequential, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                      seed=a.seed, assign=a.assign, keep_dtype=a.keep_dtype, refit=a.refit, **kw)
@@ -73,7 +73,8 @@ def run(a) -> int:
     import torch
 
     from quantizer.calibration import calibration_windows, load_text
-    from quantizer.checkpoint import check_output, save_checkpoint
+    from kernels.checkpoint import check_output
+    from quantizer.export import save_quantized
     from quantizer.pipeline import check_model, quantize_model
     from quantizer.report import format_summary, summarize
 
@@ -104,7 +105,7 @@ def run(a) -> int:
     qm = quantize_model(model, spec, windows, device=a.device)
     summary = summarize(qm, seconds=time.time() - t0)
     summary["model"] = a.model
-    save_checkpoint(qm, tok, a.out, overwrite=a.overwrite, extra=summary)
+    save_quantized(qm, tok, a.out, overwrite=a.overwrite, report=summary)
     print(format_summary(summary))
     print(f"wrote {a.out}")
     return 0
@@ -112,7 +113,7 @@ def run(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from quantizer.calibration import CalibrationError
-    from quantizer.checkpoint import CheckpointError
+    from kernels.checkpoint import CheckpointError
     from quantizer.pipeline import UnsupportedModel
 
     try:

@@ -1,14 +1,18 @@
 """QuantSpec: every quantization setting with its default, in one place.
 
-The CLI builds one, the pipeline reads it, and the checkpoint stores it as `quantization_config` in config.json.
+The CLI builds one (QuantSpec.build resolves the width-dependent defaults), the pipeline reads it, and
+quantizer/export.py records it in the checkpoint's QuantizationConfig (kernels/checkpoint.py). The allowed
+values are declared once, in kernels/packing.py (widths) and kernels/checkpoint.py (methods, assignments,
+dtypes).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
-METHODS = ("mamp", "gptq", "rtn")
-BITS = (2, 4)
-SALIENT_BITS = (2, 4, 8)
+from kernels.checkpoint import ASSIGNS, KEEP_DTYPES, METHODS
+from kernels.packing import BITS, SALIENT_BITS
+
+__all__ = ["ASSIGNS", "BITS", "KEEP_DTYPES", "METHODS", "SALIENT_BITS", "QuantSpec", "SpecError"]
 # Default salient-code width per base width, chosen by measurement (benchmarks/quality.py, SmolLM2-135M, reference
 # protocol): h = b, i.e. salient groups keep full resolution on a grid of their own. The paper's mean-of-4 8-bit
 # codes (h = 8 at b = 2) lose to plain GPTQ by orders of magnitude there; it stays available as --salient-bits 8.
@@ -18,8 +22,6 @@ DEFAULT_SALIENT_BITS = {2: 2, 4: 4}
 # With the error assignment (the mamp default) the fraction only seeds the joint fit: 10% and 25% starts gave
 # 164.5 and 163.9 at b = 2.
 DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05}
-ASSIGNS = ("saliency", "error")  # how groups are given to the salient grid: see quantizer/solver.py
-KEEP_DTYPES = ("bfloat16", "float16", "float32")  # storage of the tensors left unquantized
 PAPER_SALIENT_BITS = 8  # the paper's encoding: four 8-bit means of 4 weights per 16-weight group
 
 
@@ -29,25 +31,26 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class QuantSpec:
+    """Resolved settings (no None left but top_k): build with QuantSpec.build(...), which fills the defaults that
+    depend on the method and width; the constructor itself only validates."""
+
     method: str = "mamp"
     bits: int = 2
-    salient_bits: int | None = None  # None: DEFAULT_SALIENT_BITS[bits] (mamp) or bits (gptq, rtn)
-    # K = round(fraction * out_features) salient groups per 16-row block; None: DEFAULT_SALIENT_FRACTION[bits].
+    salient_bits: int = DEFAULT_SALIENT_BITS[2]
+    # K = round(fraction * out_features) salient groups per 16-row block (0 for the baselines).
     # The footprint does not depend on K (the second grid is stored densely whatever K is).
-    salient_fraction: float | None = None
+    salient_fraction: float = DEFAULT_SALIENT_FRACTION[2]
     top_k: int | None = None  # absolute K per 16-row block; overrides salient_fraction
     # "saliency": the paper's fixed top-K per 16-row block; "error": the top-K mask only starts a joint fit of
     # both grids and the group-to-grid assignment by Hessian-weighted rounding error (the fraction then floats).
-    # None: "error" for mamp with salient groups and equal group sizes (measured best), else "saliency".
-    assign: str | None = None
+    assign: str = "error"
     group_size: int = 128  # input rows sharing one b-bit scale/zero
     salient_group_size: int = 128  # input rows sharing one salient scale/zero
     percdamp: float = 0.01  # lambda = percdamp * mean(diag H)
     block_size: int = 128  # GPTQ lazy-update block (columns of the input dimension)
     mse_clip: bool = True  # search a shrunk [min, max] per grid that minimises the rounding error
     true_sequential: bool = True  # q,k,v -> o -> gate,up -> down, each seeing quantized earlier outputs
-    # Least-squares refit of the scales after the loop (codes fixed); None: on for mamp, off for the baselines.
-    refit: bool | None = None
+    refit: bool = True  # least-squares refit of the scales after the loop (codes fixed)
     # Embeddings, lm_head, norms (everything not quantized) are stored in this dtype; the fake-quantized model is
     # rounded to it too, so evaluation sees exactly what the checkpoint holds.
     keep_dtype: str = "bfloat16"
@@ -56,33 +59,48 @@ class QuantSpec:
     seqlen: int = 2048
     seed: int = 0
 
+    @classmethod
+    def build(cls, method: str = "mamp", bits: int = 2, salient_bits: int | None = None,
+              salient_fraction: float | None = None, top_k: int | None = None, assign: str | None = None,
+              refit: bool | None = None, **rest) -> "QuantSpec":
+        """A QuantSpec with the defaults that depend on the others filled in: salient_bits
+        DEFAULT_SALIENT_BITS[bits] (mamp) or bits (baselines); salient_fraction DEFAULT_SALIENT_FRACTION[bits];
+        assign "error" for mamp with salient groups and equal group sizes (measured best), else "saliency";
+        refit on for mamp, off for the baselines. The baselines store no salient groups."""
+        if method not in METHODS:
+            raise SpecError(f"method must be one of {METHODS}, got {method!r}")
+        if bits not in BITS:
+            raise SpecError(f"bits must be one of {BITS}, got {bits}")
+        if salient_bits is None:
+            salient_bits = DEFAULT_SALIENT_BITS[bits] if method == "mamp" else bits
+        if salient_fraction is None:
+            salient_fraction = DEFAULT_SALIENT_FRACTION[bits]
+        if refit is None:
+            refit = method == "mamp"
+        if method != "mamp":  # baselines: the format still carries the bitmap and the second grid, unused
+            salient_fraction, top_k, assign = 0.0, None, "saliency"
+        if assign is None:
+            uses_salient = (top_k if top_k is not None else salient_fraction) > 0
+            equal_groups = rest.get("group_size", 128) == rest.get("salient_group_size", 128)
+            assign = "error" if method == "mamp" and uses_salient and equal_groups else "saliency"
+        return cls(method=method, bits=bits, salient_bits=salient_bits, salient_fraction=salient_fraction,
+                   top_k=top_k, assign=assign, refit=refit, **rest)
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SpecError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.bits not in BITS:
             raise SpecError(f"bits must be one of {BITS}, got {self.bits}")
-        if self.salient_bits is None:
-            object.__setattr__(self, "salient_bits", DEFAULT_SALIENT_BITS[self.bits] if self.method == "mamp" else self.bits)
         if self.salient_bits not in SALIENT_BITS:
             raise SpecError(f"salient bits must be one of {SALIENT_BITS}, got {self.salient_bits}")
         if self.salient_bits < self.bits:
             raise SpecError(f"salient bits ({self.salient_bits}) must be >= bits ({self.bits})")
-        if self.salient_fraction is None:
-            object.__setattr__(self, "salient_fraction", DEFAULT_SALIENT_FRACTION[self.bits])
-        if self.assign is None:
-            by_error = self.uses_salient and self.group_size == self.salient_group_size
-            object.__setattr__(self, "assign", "error" if by_error else "saliency")
-        if self.refit is None:
-            object.__setattr__(self, "refit", self.method == "mamp")
-        if self.method != "mamp":
-            # Baselines store no salient groups (the format still carries the bitmap and the second grid).
-            object.__setattr__(self, "salient_fraction", 0.0)
-            object.__setattr__(self, "top_k", None)
-            object.__setattr__(self, "assign", "saliency")
         if self.keep_dtype not in KEEP_DTYPES:
             raise SpecError(f"keep dtype must be one of {KEEP_DTYPES}, got {self.keep_dtype!r}")
         if self.assign not in ASSIGNS:
             raise SpecError(f"assign must be one of {ASSIGNS}, got {self.assign!r}")
+        if self.method != "mamp" and (self.salient_fraction or self.top_k or self.assign != "saliency"):
+            raise SpecError(f"method {self.method} stores no salient groups (use QuantSpec.build)")
         if self.assign == "error":
             if self.group_size != self.salient_group_size:
                 raise SpecError("--assign error needs the same group size for both grids "
@@ -110,8 +128,6 @@ class QuantSpec:
 
     def salient_k(self, out_features: int) -> int:
         """Salient groups per 16-row block for a layer with `out_features` output channels."""
-        if self.salient_fraction is None:
-            object.__setattr__(self, "salient_fraction", DEFAULT_SALIENT_FRACTION[self.bits])
         if self.method != "mamp":
             return 0
         k = self.top_k if self.top_k is not None else round(self.salient_fraction * out_features)
@@ -123,7 +139,4 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def with_(self, **changes) -> "QuantSpec":
-        return replace(self, **changes)
+        return cls.build(**{k: v for k, v in d.items() if k in names})

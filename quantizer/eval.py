@@ -34,14 +34,13 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device="cpu", progress:
 
 def load_any(path: str, device="cpu"):
     """(model, tokenizer, description): a mamp checkpoint via load_checkpoint, else an HF checkpoint in fp32."""
-    from quantizer.checkpoint import load_checkpoint, read_quantization_config
+    from kernels.checkpoint import load_checkpoint, read_quantization_config
 
     q = read_quantization_config(path) if Path(path).is_dir() else None
     if q is not None:
         model, tok = load_checkpoint(path, device=device)
-        desc = (f"mamp checkpoint: method {q['method']}, {q['bits']}-bit, salient bits {q['salient_bits']}, "
-                f"salient groups {100 * q.get('salient_group_fraction', 0):.2f}%, "
-                f"{q['bits_per_weight']:.4f} bits per weight")
+        desc = (f"mamp checkpoint: method {q.method}, {q.bits}-bit, salient bits {q.salient_bits}, "
+                f"salient groups {100 * q.salient_group_fraction:.2f}%, {q.bits_per_weight:.4f} bits per weight")
         return model, tok, desc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

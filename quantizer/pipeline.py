@@ -257,7 +257,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | No
 
 def round_untouched(model: nn.Module, packed: dict, dtype: torch.dtype) -> None:
     """Round every floating parameter not replaced by a packed layer to `dtype` (kept in its own dtype), so the
-    fake-quantized model equals what the checkpoint stores (quantizer/checkpoint.py casts them to `dtype`)."""
+    fake-quantized model equals what the checkpoint stores (quantizer/export.py casts them to `dtype`)."""
     skip = {f"{name}.{t}" for name in packed for t in ("weight", "bias")}
     for name, p in model.named_parameters():
         if name not in skip and p.is_floating_point() and p.dtype != dtype:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.checkpoint import load_checkpoint, read_quantization_config
 from kernels.packed_linear import weight_memory
-from quantizer.checkpoint import load_checkpoint, read_quantization_config
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from kernels.half_linear import HalfEmbedding, HalfLinear
 from kernels.packed_linear import PackedLinear, weight_memory
-from kernels.packing import FORMAT_VERSION, dequantize
-from quantizer.checkpoint import load_checkpoint, save_checkpoint
+from kernels.checkpoint import FORMAT_VERSION, load_checkpoint
+from kernels.packing import dequantize
+from quantizer.export import save_quantized
 from quantizer.config import QuantSpec
 from quantizer.pipeline import LINEARS, LayerStages, capture_inputs, decoder_layers, quantize_model
 
@@ -59,13 +60,13 @@ def save_tiny(folder: Path, inter: int = 176, tie: bool = True) -> Path:
 
 
 SPECS = [
-    QuantSpec(method="mamp", bits=2, salient_bits=8, salient_fraction=0.1, group_size=32, salient_group_size=32),
-    QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.1),
-    QuantSpec(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25, assign="error", keep_dtype="float16"),
-    QuantSpec(method="mamp", bits=4, salient_bits=4, top_k=3, group_size=64),
-    QuantSpec(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False, assign="saliency"),
-    QuantSpec(method="gptq", bits=2, mse_clip=False),
-    QuantSpec(method="rtn", bits=4, keep_dtype="float32"),
+    QuantSpec.build(method="mamp", bits=2, salient_bits=8, salient_fraction=0.1, group_size=32, salient_group_size=32),
+    QuantSpec.build(method="mamp", bits=2, salient_bits=2, salient_fraction=0.1),
+    QuantSpec.build(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25, assign="error", keep_dtype="float16"),
+    QuantSpec.build(method="mamp", bits=4, salient_bits=4, top_k=3, group_size=64),
+    QuantSpec.build(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False, assign="saliency"),
+    QuantSpec.build(method="gptq", bits=2, mse_clip=False),
+    QuantSpec.build(method="rtn", bits=4, keep_dtype="float32"),
 ]
 
 
@@ -85,7 +86,7 @@ def test_save_load_matches_fake_quant(tmp_path, spec):
     ref = model(ids).logits
     assert not torch.allclose(ref, before)
 
-    out = save_checkpoint(qm, tiny_tokenizer(), tmp_path / "ckpt")
+    out = save_quantized(qm, tiny_tokenizer(), tmp_path / "ckpt")
     loaded, tok = load_checkpoint(out)
     assert tok is not None and tok("w1 w2").input_ids == [4, 5]
     packed_layers = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
@@ -129,11 +130,11 @@ def test_save_load_matches_fake_quant(tmp_path, spec):
 
 def test_load_bf16_and_overwrite(tmp_path):
     model = tiny_llama(128)
-    qm = quantize_model(model, QuantSpec(method="rtn", bits=2), None, progress=False)
-    out = save_checkpoint(qm, tiny_tokenizer(), tmp_path / "c")
+    qm = quantize_model(model, QuantSpec.build(method="rtn", bits=2), None, progress=False)
+    out = save_quantized(qm, tiny_tokenizer(), tmp_path / "c")
     with pytest.raises(ValueError, match="exists"):
-        save_checkpoint(qm, tiny_tokenizer(), out)
-    save_checkpoint(qm, tiny_tokenizer(), out, overwrite=True)
+        save_quantized(qm, tiny_tokenizer(), out)
+    save_quantized(qm, tiny_tokenizer(), out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     loaded, _ = load_checkpoint(out, dtype=torch.bfloat16)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -156,8 +157,8 @@ def test_stages_equal_layer():
 def test_true_sequential_sees_quantized_inputs():
     """Both orders quantize; the true-sequential layer 0 output matches a re-run of the quantized layer."""
     windows = torch.randint(3, 503, (4, 32), generator=torch.Generator().manual_seed(1))
-    a = quantize_model(tiny_llama(), QuantSpec(method="gptq", bits=2), windows, progress=False)
-    b = quantize_model(tiny_llama(), QuantSpec(method="gptq", bits=2, true_sequential=False), windows, progress=False)
+    a = quantize_model(tiny_llama(), QuantSpec.build(method="gptq", bits=2), windows, progress=False)
+    b = quantize_model(tiny_llama(), QuantSpec.build(method="gptq", bits=2, true_sequential=False), windows, progress=False)
     wa = a.model.model.layers[1].self_attn.o_proj.weight
     wb = b.model.model.layers[1].self_attn.o_proj.weight
     assert not torch.equal(wa, wb)

@@ -12,14 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 def packed_dir(tmp_path_factory, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantizer.checkpoint import save_checkpoint
     from quantizer.config import QuantSpec
+    from quantizer.export import save_quantized
     from quantizer.pipeline import quantize_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    spec = QuantSpec(method="rtn", bits=4, group_size=64, salient_group_size=64)
+    spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64)
     out = tmp_path_factory.mktemp("tiny-packed") / "ckpt"
-    save_checkpoint(quantize_model(model, spec, None, progress=False), AutoTokenizer.from_pretrained(tiny_llama_dir), out)
+    save_quantized(quantize_model(model, spec, None, progress=False), AutoTokenizer.from_pretrained(tiny_llama_dir), out)
     return out
 
 

@@ -1,0 +1,283 @@
+"""The mamp checkpoint folder: the ONLY module that writes or reads one (the words inside a packed tensor are
+kernels/packing.py's). The quantizer writes through `save_checkpoint`; the evaluator, the server and any other
+engine read through `read_quantization_config` and `load_checkpoint`.
+
+Folder layout (format version FORMAT_VERSION):
+
+    config.json          the HF model config plus `quantization_config` (QuantizationConfig.to_dict())
+    model.safetensors    every quantized linear as `<module>.qweight|bitmap|scales|zeros|hscales|hzeros[|bias]`
+                         (shapes and dtypes: PackSpec.shapes()), every other tensor under its HF name (tied
+                         tensors once)
+    generation_config.json, tokenizer files (with the chat template), quantization_report.json (optional)
+    manifest.json        format version, and size and sha256 of every other file
+
+A folder is written to `DIR.tmp-XXXX` and renamed at the end, so an interrupted write never leaves a folder that
+looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from kernels.half_linear import HALF_DTYPES, HalfEmbedding, HalfLinear
+from kernels.packed_linear import PackedLinear
+from kernels.packing import BITS, SALIENT_BITS, TENSOR_NAMES, PackSpec
+
+QUANT_METHOD = "mamp"  # quantization_config.quant_method: how HF-style loaders recognise the format
+FORMAT_VERSION = 1  # bump when a reader of the previous version would misread a new checkpoint
+WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "quantization_report.json"
+
+# Allowed values, declared once (quantizer.config and the CLIs take them from here).
+METHODS = ("mamp", "gptq", "rtn")
+ASSIGNS = ("saliency", "error")  # how groups are given to the salient grid: see quantizer/solver.py
+KEEP_DTYPES = ("bfloat16", "float16", "float32")  # storage of the tensors left unquantized
+# How the checkpoint was made (not needed to read it): kept in quantization_config.calibration.
+CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed", "percdamp", "block_size", "mse_clip", "true_sequential")
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a loadable mamp checkpoint, or an output folder we may not write."""
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """config.json's `quantization_config`: what a reader needs (per-layer PackSpecs, the format version) and
+    what the checkpoint is (method, widths, fractions, exact bits per weight), each stored once."""
+
+    method: str
+    bits: int
+    salient_bits: int
+    group_size: int
+    salient_group_size: int
+    salient_fraction: float  # requested (the start mask's fraction with assign="error")
+    top_k: int | None
+    assign: str
+    refit: bool
+    keep_dtype: str
+    salient_group_fraction: float  # measured over all quantized layers
+    bits_per_weight: float  # words + bitmap + both grids' scales and zeros, per weight of the quantized layers
+    layers: Mapping[str, PackSpec] = field(default_factory=dict)  # full module name -> PackSpec
+    calibration: Mapping[str, Any] = field(default_factory=dict)  # CALIBRATION_KEYS
+    quant_method: str = QUANT_METHOD
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise CheckpointError(f"quant_method is {self.quant_method!r}, not {QUANT_METHOD!r}")
+        if self.format_version != FORMAT_VERSION:
+            raise CheckpointError(f"format version {self.format_version} is not {FORMAT_VERSION} (this mamp reads "
+                                  f"version {FORMAT_VERSION} only)")
+        if self.method not in METHODS or self.bits not in BITS or self.salient_bits not in SALIENT_BITS:
+            raise CheckpointError(f"unknown method/widths: {self.method!r}, b = {self.bits}, h = {self.salient_bits}")
+        if self.keep_dtype not in KEEP_DTYPES:
+            raise CheckpointError(f"keep_dtype {self.keep_dtype!r} is not one of {KEEP_DTYPES}")
+        # Truly read-only, also inside: the mappings are copied behind read-only views.
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        object.__setattr__(self, "calibration", MappingProxyType(dict(self.calibration)))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["layers"] = {name: spec.to_dict() for name, spec in self.layers.items()}
+        d["calibration"] = dict(self.calibration)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantizationConfig":
+        """Read a `quantization_config`, also as written before this class existed (format version 1 with the
+        quantizer's settings repeated under "spec": its calibration settings are taken from there)."""
+        if not isinstance(d, Mapping) or d.get("quant_method") != QUANT_METHOD:
+            raise CheckpointError(f"no quantization_config with quant_method {QUANT_METHOD!r}")
+        try:
+            calibration = d.get("calibration")
+            if calibration is None:
+                legacy = d.get("spec") or {}
+                calibration = {k: legacy[k] for k in CALIBRATION_KEYS if k in legacy}
+            names = {f.name for f in fields(cls)} - {"layers", "calibration"}
+            kw = {k: d[k] for k in names if k in d}
+            kw["format_version"] = int(kw.get("format_version", -1))
+            layers = {name: PackSpec.from_dict(s) for name, s in d["layers"].items()}
+            return cls(layers=layers, calibration=calibration, **kw)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"malformed quantization_config: {e}") from None
+
+
+def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
+    """The QuantizationConfig of a folder, None for an ordinary (unquantized) HF folder. A mamp folder this
+    version cannot read raises CheckpointError."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: unreadable ({e})") from None
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        return None
+    return QuantizationConfig.from_dict(q)
+
+
+# Writing -------------------------------------------------------------------------------------------------------
+
+def check_output(out: str | Path, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} exists (pass --overwrite to replace it)")
+
+
+def packed_tensor_names(module: str) -> list[str]:
+    """The safetensors keys of one packed linear (bias excluded)."""
+    return [f"{module}.{t}" for t in TENSOR_NAMES]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(out: str | Path, tensors: Mapping[str, torch.Tensor], config: QuantizationConfig,
+                    model_config: Mapping[str, Any], *, generation_config=None, tokenizer=None,
+                    report: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint folder `out` atomically.
+
+    tensors: every tensor of the file, packed ones under packed_tensor_names (contiguous, on the CPU);
+    model_config: the HF config as a dict (quantization_config is added here); generation_config and tokenizer:
+    HF objects with save_pretrained, or None; report: JSON for quantization_report.json, or None.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    check_output(out, overwrite)
+    missing = [k for name in config.layers for k in packed_tensor_names(name) if k not in tensors]
+    if missing:
+        raise CheckpointError(f"packed tensors missing from the state: {missing[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        save_file(dict(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        (tmp / WEIGHTS_NAME).chmod(0o644)  # safetensors creates it 0600; a server may run as another user
+        cfg = dict(model_config)
+        cfg["quantization_config"] = config.to_dict()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# Reading -------------------------------------------------------------------------------------------------------
+
+def _sixteen_bit_tables(model: nn.Module, state: dict, dtype: torch.dtype) -> set[str]:
+    """Keys of the embedding / lm_head weights to keep 16-bit: stored bf16/fp16 while the model computes fp32."""
+    if dtype != torch.float32:
+        return set()
+    names = {n for n, m in model.named_modules() if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+    keys = {f"{n}.weight" for n in names}
+    return {k for k in keys if k in state and state[k].dtype in HALF_DTYPES}
+
+
+def _wrap_sixteen_bit_tables(model: nn.Module, dtype: torch.dtype, tied: bool) -> None:
+    """Embedding -> HalfEmbedding and lm_head -> HalfLinear around their 16-bit weights (one table when tied)."""
+    emb = model.get_input_embeddings()
+    if emb.weight.dtype in HALF_DTYPES:
+        emb = HalfEmbedding(emb.weight, compute_dtype=dtype, padding_idx=emb.padding_idx)
+        model.set_input_embeddings(emb)
+    head = model.get_output_embeddings()
+    if tied and isinstance(emb, HalfEmbedding):
+        model.set_output_embeddings(HalfLinear(emb.weight, getattr(head, "bias", None)))
+    elif head is not None and head.weight.dtype in HALF_DTYPES:
+        model.set_output_embeddings(HalfLinear(head.weight, head.bias))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32):
+    """Load a mamp checkpoint folder -> (model, tokenizer or None).
+
+    The model is the HF architecture from config.json, built without allocating its float weights, with every
+    quantized nn.Linear replaced by kernels.packed_linear.PackedLinear holding the packed buffers (each layer's
+    `process_after_loading` aligns them and picks its kernel). Unquantized tensors are cast to `dtype`, except
+    that a 16-bit embedding table (and its lm_head, tied or not) loaded for fp32 compute stays 16-bit in
+    kernels.half_linear's HalfEmbedding/HalfLinear, so memory matches the file; packed tensors keep their stored
+    dtypes. The model is in eval mode on `device`.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    q = read_quantization_config(path)
+    if q is None:
+        raise CheckpointError(f"{path} is not a mamp checkpoint (no quantization_config with quant_method "
+                              f"{QUANT_METHOD!r})")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("quantization_config")
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    packed_keys = set()
+    for name, spec in q.layers.items():
+        has_bias = f"{name}.bias" in state
+        _set_module(model, name, PackedLinear(spec, bias=has_bias, dtype=dtype, device="meta"))
+        packed_keys.update(packed_tensor_names(name))
+    keep16 = _sixteen_bit_tables(model, state, dtype)
+    for k, v in state.items():
+        if k not in packed_keys and k not in keep16 and v.is_floating_point():
+            state[k] = v.to(dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        model.tie_weights()
+    if keep16:
+        _wrap_sixteen_bit_tables(model, dtype, tied=tied)
+    # Non-persistent buffers (rotary inv_freq) are not in the file: rebuild those modules on the real device.
+    for name, m in list(model.named_modules()):
+        if any(b.is_meta for b in m.buffers(recurse=False)) and not isinstance(m, PackedLinear):
+            with torch.device(device):
+                _set_module(model, name, type(m)(config=model.config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: tensors missing from {WEIGHTS_NAME}: {left[:5]}")
+    model.to(device).eval()  # PackedLinear._apply: align buffers, choose each layer's kernel
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer
