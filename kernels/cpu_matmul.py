@@ -64,7 +64,7 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             cap, flags = _arch_flags()
-            name = f"mamp_cpu_matmul_v2_{cap}"  # v2: + cpu_half_matmul.cpp (a v1 cache lacks half_linear)
+            name = f"mamp_cpu_matmul_v3_{cap}"  # v3: + the torch.ops.mamp registrations (v2 lacks them)
             build = _build_dir() / name
             build.mkdir(parents=True, exist_ok=True)
             _ext = load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(build),

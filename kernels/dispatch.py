@@ -3,7 +3,8 @@ cannot.
 
 KERNELS is tried in order; the first whose `can_implement(spec, device)` says yes serves the layer, and every
 refused kernel is logged with its reason. Order: Triton on CUDA (GEMV for M <= 16, GEMM above), the C++ CPU
-extension, its pure-torch twin on the CPU, and the pure-torch reference anywhere. Every path dequantizes
+extension, its pure-torch twin on the CPU, and the pure-torch reference anywhere. The first two run as the
+registered ops of kernels/ops.py (torch.ops.mamp.*). Every path dequantizes
 transiently at most; none keeps a weight copy.
 """
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Callable
 
 import torch
 
+from kernels import ops
 from kernels.packing import PackedWeight, PackSpec
 from kernels.reference import packed_matmul_reference
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_M = 16
 INT32_MAX = 2**31 - 1
 
 MatmulFn = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
@@ -36,15 +37,6 @@ class Kernel:
     can_implement: Callable[[PackSpec, torch.device], tuple[bool, str]]
 
 
-def _triton_matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    m = x.numel() // max(1, x.shape[-1])
-    if 1 <= m <= GEMV_MAX_M:
-        from kernels.triton_gemv import packed_gemv
-        return packed_gemv(x, packed, bias)
-    from kernels.triton_gemm import packed_gemm
-    return packed_gemm(x, packed, bias)
-
-
 def _triton_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, f"Triton kernels run on CUDA, not {device.type}"
@@ -55,16 +47,11 @@ def _triton_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     return True, "triton"
 
 
-def _cpu_ext_matmul(x, packed, bias=None):
-    from kernels.cpu_matmul import packed_matmul_cpu
-    return packed_matmul_cpu(x, packed, bias)
-
-
 def _cpu_ext_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"the C++ kernel runs on the CPU, not {device.type}"
-    from kernels.cpu_matmul import ext_error, load_extension
-    if load_extension() is None:
+    from kernels.cpu_matmul import ext_error
+    if not ops.load_cpu_ops():
         return False, f"the C++ extension is unavailable ({ext_error()})"
     return True, "cpu"
 
@@ -85,8 +72,8 @@ def _reference_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
 
 
 KERNELS: tuple[Kernel, ...] = (
-    Kernel("triton", _triton_matmul, _triton_ok),
-    Kernel("cpu", _cpu_ext_matmul, _cpu_ext_ok),
+    Kernel("triton", ops.packed_linear, _triton_ok),  # torch.ops.mamp.packed_linear_triton
+    Kernel("cpu", ops.packed_linear, _cpu_ext_ok),  # torch.ops.mamp.packed_linear_cpu
     Kernel("cpu-torch", _cpu_torch_matmul, _cpu_torch_ok),
     Kernel("reference", packed_matmul_reference, _reference_ok),
 )

@@ -89,11 +89,12 @@ def _half_matmul_cpu(x, weight, bias, out, small_m, upcast_m, scratch_bytes):
     if ext is None or weight.dtype not in HALF_DTYPES or not weight.is_contiguous():
         return half_matmul_torch(x, weight, bias, out, scratch_bytes)
     _check_args(x, weight, bias, out)
+    if out is None:  # the registered op (kernels/ops.py), as torch.compile and other engines see it
+        return torch.ops.mamp.half_linear_cpu(x, weight, bias, small_m, upcast_m, scratch_bytes)
     n, k = weight.shape
     m = _rows(x)
-    y = ext.half_linear(x.reshape(m, k), weight, bias, None if out is None else out.view(m, n),
-                        small_m, upcast_m, scratch_bytes)
-    return out if out is not None else y.view(*x.shape[:-1], n)
+    ext.half_linear(x.reshape(m, k), weight, bias, out.view(m, n), small_m, upcast_m, scratch_bytes)
+    return out
 
 
 class _HalfMatmulFn(torch.autograd.Function):

@@ -1,0 +1,86 @@
+"""The kernels as PyTorch custom ops: torch.ops.mamp.<name>, callable from torch.compile'd code, inside CUDA
+graphs and from other serving engines. Each returns a new tensor (no out=) and has a fake (meta) kernel that
+gives the output's shape and dtype without computing it.
+
+    torch.ops.mamp.packed_linear_cpu(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias,
+                                     bits, salient_bits, group_size, salient_group_size, small_m, scratch_bytes)
+    torch.ops.mamp.half_linear_cpu(x, weight, bias, small_m, upcast_m, scratch_bytes)
+    torch.ops.mamp.packed_linear_triton(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias,
+                                        bits, salient_bits, group_size, salient_group_size, in_features)
+
+x: [..., K] in any float dtype; the result is [..., N] in x's dtype. The CPU ops are defined in C++
+(kernels/cpu_matmul.cpp) and exist once the extension is loaded (`load_cpu_ops()`; building it takes a minute
+the first time, then it is cached); the Triton op is defined here and runs on CUDA tensors.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from kernels import cpu_matmul
+from kernels.packing import PackedWeight, PackSpec
+
+GEMV_MAX_M = 16  # rows the Triton GEMV serves; larger M goes to the GEMM
+
+_lock = threading.Lock()
+_cpu_fakes_registered = False
+
+
+@torch.library.custom_op("mamp::packed_linear_triton", mutates_args=(), device_types="cuda")
+def packed_linear_triton(x: torch.Tensor, qweight: torch.Tensor, bitmap: torch.Tensor, scales: torch.Tensor,
+                         zeros: torch.Tensor, hscales: torch.Tensor, hzeros: torch.Tensor,
+                         bias: torch.Tensor | None, bits: int, salient_bits: int, group_size: int,
+                         salient_group_size: int, in_features: int) -> torch.Tensor:
+    spec = PackSpec(in_features, qweight.shape[1], bits, salient_bits, group_size, salient_group_size)
+    packed = PackedWeight(spec, qweight, bitmap, scales, zeros, hscales, hzeros)
+    m = x.numel() // max(1, x.shape[-1])
+    if 1 <= m <= GEMV_MAX_M:
+        from kernels.triton_gemv import packed_gemv
+        return packed_gemv(x, packed, bias)
+    from kernels.triton_gemm import packed_gemm
+    return packed_gemm(x, packed, bias)
+
+
+@packed_linear_triton.register_fake
+def _packed_linear_triton_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
+                               group_size, salient_group_size, in_features):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
+                            group_size, salient_group_size, small_m, scratch_bytes):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def _half_linear_cpu_fake(x, weight, bias, small_m, upcast_m, scratch_bytes):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def load_cpu_ops() -> bool:
+    """Load (building if needed) the C++ extension that defines torch.ops.mamp.*_cpu and register their fake
+    kernels. False if the extension cannot be built (kernels.cpu_matmul.ext_error() says why)."""
+    global _cpu_fakes_registered
+    if cpu_matmul.load_extension() is None:
+        return False
+    with _lock:
+        if not _cpu_fakes_registered:
+            torch.library.register_fake("mamp::packed_linear_cpu")(_packed_linear_cpu_fake)
+            torch.library.register_fake("mamp::half_linear_cpu")(_half_linear_cpu_fake)
+            _cpu_fakes_registered = True
+    return True
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.ops.mamp.packed_linear_<device> on a PackedWeight (the Kernel functions of kernels/dispatch.py)."""
+    s = packed.spec
+    if x.device.type == "cuda":
+        return torch.ops.mamp.packed_linear_triton(x, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
+                                                   packed.hscales, packed.hzeros, bias, s.bits, s.salient_bits,
+                                                   s.group_size, s.salient_group_size, s.in_features)
+    if x.shape[-1] != s.in_features:  # the C++ kernel checks shapes too; this message names the layer's sizes
+        raise ValueError(f"x has {x.shape[-1]} features, layer expects {s.in_features}")
+    return torch.ops.mamp.packed_linear_cpu(x, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
+                                            packed.hscales, packed.hzeros, bias, s.bits, s.salient_bits,
+                                            s.group_size, s.salient_group_size, cpu_matmul.SMALL_M,
+                                            cpu_matmul.SCRATCH_BYTES)

@@ -1,0 +1,59 @@
+"""The kernels as registered ops: torch.ops.mamp lists them, their schemas and fake kernels pass opcheck, and a
+torch.compile'd function over a PackedLinear / HalfLinear gives the eager result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import ops
+from kernels.half_linear import HalfLinear
+from kernels.packed_linear import PackedLinear
+from kernels.packing import PackSpec
+from tests.test_packing import random_packed
+
+pytestmark = pytest.mark.skipif(not ops.load_cpu_ops(), reason="the C++ extension cannot be built here")
+
+
+def _case(bits=4, hbits=4, k=80, n=48):
+    spec = PackSpec(k, n, bits=bits, salient_bits=hbits, group_size=32, salient_group_size=32)
+    packed, _ = random_packed(spec, 0.25, seed=bits + hbits)
+    return packed
+
+
+def test_torch_ops_mamp_lists_the_kernels():
+    for name in ("packed_linear_cpu", "half_linear_cpu", "packed_linear_triton"):
+        assert isinstance(getattr(torch.ops.mamp, name), torch._ops.OpOverloadPacket), name
+
+
+@pytest.mark.parametrize("bits,hbits", [(2, 8), (4, 4)])
+def test_packed_linear_cpu_opcheck(bits, hbits):
+    packed = _case(bits, hbits)
+    for x, bias in ((torch.randn(2, 3, 80), torch.randn(48)), (torch.randn(1, 80, dtype=torch.bfloat16), None)):
+        args = (x, *packed.tensors().values(), bias, bits, hbits, 32, 32, 16, 1 << 22)
+        result = torch.library.opcheck(torch.ops.mamp.packed_linear_cpu.default, args,
+                                       test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        assert set(result.values()) == {"SUCCESS"}, result
+        assert torch.ops.mamp.packed_linear_cpu(*args).shape == (*x.shape[:-1], 48)
+
+
+def test_half_linear_cpu_opcheck():
+    w = torch.randn(48, 80).bfloat16()
+    args = (torch.randn(3, 80), w, torch.randn(48), 16, 1, 1 << 22)
+    result = torch.library.opcheck(torch.ops.mamp.half_linear_cpu.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_torch_compile_calls_the_ops():
+    packed = _case()
+    layer = PackedLinear.from_packed(packed, torch.randn(48))
+    head = HalfLinear(torch.randn(32, 48).bfloat16())
+    assert layer.kernel_name == "cpu"
+
+    def f(t):
+        return head(torch.relu(layer(t)))
+
+    compiled = torch.compile(f, fullgraph=True)  # fullgraph: a graph break (an opaque call) would raise
+    x = torch.randn(5, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
