@@ -13,6 +13,15 @@ STORIES_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" /
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _autotune_cache_in_tmp(tmp_path_factory):
+    """Kernel configs tuned during tests (on a GPU) go to a temporary folder, never to ~/.cache/mamp."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MAMP_AUTOTUNE_DIR", str(tmp_path_factory.mktemp("autotune")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     if not (STORIES_DIR / "config.json").is_file():

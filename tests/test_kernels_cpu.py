@@ -12,17 +12,13 @@ from kernels.dispatch import can_implement
 from kernels.packed_linear import PackedLinear
 from kernels.packing import PackSpec, dequantize
 from kernels.reference import packed_matmul_reference
-from tests.test_packing import random_packed
+from tests.helpers import TOL, check_close, make_case, make_x, random_packed
 
 WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # h = b takes the one-decode path
 SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128; 13*16 and 3*128
 FRACS = [0.0, 0.04, 0.5, 1.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MS = [1, 3, 17, 257]
-# |y - y64| <= TOL * (|x| @ |W|^T + |bias|): fp32 accumulation, then rounding to the output dtype.
-TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The grid's tensors are tiny: torch's thread pool only adds barrier waits (painful on a shared 2-core box).
@@ -31,38 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def make_case(k, n, bits, hbits, frac, seed=0):
-    spec = PackSpec(k, n, bits=bits, salient_bits=hbits, group_size=64, salient_group_size=32)
-    packed, _ = random_packed(spec, frac, seed=seed)
-    return spec, packed
-
-
-def make_x(m, k, dtype, strided, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if strided:  # a transposed view: stride 1 along M, not K
-        return torch.randn(k, m, generator=g).to(dtype).t()
-    return torch.randn(m, k, generator=g).to(dtype)
-
-
-def check_close(y, x, packed, bias, w=None):
-    """y against x W^T + bias in float64, with the dot-product error bound scaled by |x| |W|^T.
-
-    w: dequantize(packed) in float64, when the caller already has it."""
-    w = dequantize(packed).double() if w is None else w
-    xd = x.double()
-    y64 = xd @ w.t()
-    bound = xd.abs() @ w.abs().t()
-    if bias is not None:
-        y64 = y64 + bias.double()
-        bound = bound + bias.double().abs()
-    assert y.dtype == x.dtype and y.shape == y64.shape
-    assert torch.isfinite(y).all(), "unwritten (NaN) or non-finite outputs"
-    err = (y.double() - y64).abs()
-    tol = TOL[x.dtype] * bound + 1e-30
-    worst = float((err / tol).max())
-    assert worst <= 1.0, f"error {worst:.3g}x the {x.dtype} tolerance"
 
 
 def run_poisoned(fn, x, packed, bias, **kw):
@@ -172,7 +136,6 @@ def test_packed_linear_under_autograd_matches_and_backpropagates():
     """Calling a packed model with grad mode on (HF's default outside no_grad) must work and give dL/dx."""
     from kernels.packed_linear import PackedLinear
     from kernels.packing import PackSpec, dequantize
-    from tests.test_packing import random_packed
 
     spec = PackSpec(48, 16, bits=2, salient_bits=2, group_size=32, salient_group_size=32)
     packed, _ = random_packed(spec, 0.25)

@@ -9,7 +9,7 @@ from kernels import ops
 from kernels.half_linear import HalfLinear
 from kernels.packed_linear import PackedLinear
 from kernels.packing import PackSpec
-from tests.test_packing import random_packed
+from tests.helpers import random_packed
 
 pytestmark = pytest.mark.skipif(not ops.load_cpu_ops(), reason="the C++ extension cannot be built here")
 

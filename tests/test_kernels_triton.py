@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_kernels_cpu import TOL, check_close, make_case, make_x
+from tests.helpers import TOL, check_close, make_case, make_x
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRET

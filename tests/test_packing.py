@@ -2,24 +2,12 @@
 import pytest
 import torch
 
-from kernels.packing import (GROUP, PackSpec, PackedWeight, affine_grid, dequantize, dequantize_affine, pack,
+from kernels.packing import (GROUP, PackedWeight, PackSpec, affine_grid, dequantize, dequantize_affine, pack,
                              pack_bitmap, quantize_affine, unpack, unpack_bitmap)
+from tests.helpers import random_packed
 
 WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]
 SHAPES = [(16, 1), (172, 5), (176, 48), (128, 3), (400, 17), (64 * 3 + 16, 7)]
-
-
-def random_packed(spec: PackSpec, frac: float, seed: int = 0) -> tuple[PackedWeight, tuple]:
-    g = torch.Generator().manual_seed(seed)
-    n = spec.out_features
-    low = torch.randint(0, 1 << spec.bits, (n, spec.padded_in), generator=g)
-    high = torch.randint(0, 1 << spec.salient_bits, (n, spec.n_high_codes), generator=g)
-    sal = torch.rand(n, spec.n_groups, generator=g) < frac
-    scales = torch.rand(spec.n_scale_groups, n, generator=g) + 0.01
-    zeros = torch.randint(0, 1 << spec.bits, (spec.n_scale_groups, n), generator=g)
-    hscales = torch.rand(spec.n_salient_scale_groups, n, generator=g) + 0.01
-    hzeros = torch.randint(0, 1 << spec.salient_bits, (spec.n_salient_scale_groups, n), generator=g)
-    return pack(spec, low, high, sal, scales, zeros, hscales, hzeros), (low, high, sal)
 
 
 @pytest.mark.parametrize("bits,hbits", WIDTHS)

@@ -3,7 +3,7 @@ import torch
 import pytest
 
 from quantizer.__main__ import main
-from tests.test_quantizer_pipeline import save_tiny, tiny_tokenizer, write_text
+from tests.helpers import save_tiny, tiny_tokenizer, write_text
 
 
 @pytest.fixture(scope="module")

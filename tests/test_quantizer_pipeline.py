@@ -13,50 +13,17 @@ from kernels.checkpoint import FORMAT_VERSION, load_checkpoint
 from kernels.packing import dequantize
 from quantizer.export import save_quantized
 from quantizer.config import QuantSpec
-from quantizer.pipeline import LINEARS, LayerStages, capture_inputs, decoder_layers, quantize_model
+from quantizer.pipeline import (LINEARS, HessianAccumulator, LayerStages, capture_inputs, decoder_layers,
+                                quantize_model)
+from tests.helpers import tiny_llama, tiny_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 STORIES = SHARED / "models" / "stories260K"
-WORDS = [f"w{i}" for i in range(500)]
-
-
 @pytest.fixture(autouse=True)
 def _inference():
     """Serving-style forward passes (PackedLinear's fast CPU path does not support autograd)."""
     with torch.no_grad():
         yield
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def tiny_llama(inter: int = 176, seed: int = 0, tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def write_text(path: Path, n_words: int, seed: int = 0) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(WORDS), (n_words,), generator=g)
-    path.write_text(" ".join(WORDS[i] for i in idx.tolist()))
-    return path
-
-
-def save_tiny(folder: Path, inter: int = 176, tie: bool = True) -> Path:
-    tiny_llama(inter, tie=tie).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 SPECS = [
@@ -154,14 +121,40 @@ def test_stages_equal_layer():
         x = x2
 
 
-def test_true_sequential_sees_quantized_inputs():
-    """Both orders quantize; the true-sequential layer 0 output matches a re-run of the quantized layer."""
+def test_true_sequential_sees_quantized_inputs(monkeypatch):
+    """o_proj's Hessian comes from the attention output of the already-quantized q, k, v (true-sequential), or of
+    the float ones (not): both recomputed here from layer 0's inputs and compared with what the solver got."""
+    from quantizer import pipeline
+
     windows = torch.randint(3, 503, (4, 32), generator=torch.Generator().manual_seed(1))
-    a = quantize_model(tiny_llama(), QuantSpec.build(method="gptq", bits=2), windows, progress=False)
-    b = quantize_model(tiny_llama(), QuantSpec.build(method="gptq", bits=2, true_sequential=False), windows, progress=False)
-    wa = a.model.model.layers[1].self_attn.o_proj.weight
-    wb = b.model.model.layers[1].self_attn.o_proj.weight
-    assert not torch.equal(wa, wb)
+    seen: dict[bool, list] = {True: [], False: []}
+    real = pipeline.quantize_linears
+
+    def spy(layer, names, hess, spec):
+        seen[spec.true_sequential].append((tuple(names), hess.clone()))
+        return real(layer, names, hess, spec)
+
+    monkeypatch.setattr(pipeline, "quantize_linears", spy)
+    # keep_dtype float32: the untouched norms are not rounded afterwards, so layer 0 can be re-run exactly.
+    seq = quantize_model(tiny_llama(), QuantSpec.build(method="gptq", bits=2, keep_dtype="float32"), windows,
+                         progress=False)
+    quantize_model(tiny_llama(), QuantSpec.build(method="gptq", bits=2, keep_dtype="float32", true_sequential=False),
+                   windows, progress=False)
+    float_model = tiny_llama()
+    x, kw = capture_inputs(float_model, windows, "cpu")
+
+    def o_proj_hessian(layer):
+        st = LayerStages(layer, kw)
+        acc = HessianAccumulator(layer.self_attn.o_proj.in_features, "cpu")
+        for s in range(x.shape[0]):
+            acc.add(st.attn_core(x[s:s + 1]))
+        return acc.h
+
+    (names_seq, h_seq), (names_par, h_par) = seen[True][1], seen[False][1]
+    assert names_seq == names_par == tuple(pipeline.OUT)
+    torch.testing.assert_close(h_seq, o_proj_hessian(decoder_layers(seq.model)[0]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h_par, o_proj_hessian(decoder_layers(float_model)[0]), rtol=1e-4, atol=1e-6)
+    assert (h_seq - h_par).abs().max() > 1e-3 * h_par.abs().max()  # the quantized q, k, v changed it
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="shared stories260K absent")

@@ -51,12 +51,15 @@ def test_gptq_error_below_rtn(bits):
     assert mamp < plain
 
 
-def test_mse_clip_not_worse_per_grid():
+@pytest.mark.parametrize("bits,most", [(2, 0.7), (4, 0.97)])
+def test_mse_clip_pays(bits, most):
+    """The clipping search cuts the rounding error of Gaussian weights (measured: to 0.54x at b = 2, 0.91x at
+    b = 4); a search that kept min..max would fail here."""
     w, h = layer(32, 128)
-    spec = PackSpec(128, 32, bits=2, salient_bits=2)
+    spec = PackSpec(128, 32, bits=bits, salient_bits=bits)
     a = (solve(w, None, spec).weight - w).pow(2).sum()
     b = (solve(w, None, spec, mse_clip=True).weight - w).pow(2).sum()
-    assert b <= a
+    assert b < most * a
 
 
 @pytest.mark.parametrize("bits", [2, 4])
