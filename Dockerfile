@@ -58,9 +58,11 @@ RUN python /tmp/build/requirements.py /tmp/build/pyproject.toml --extras "${EXTR
     && pip install --no-cache-dir -r /tmp/build/requirements.txt \
     && rm -rf /tmp/build
 
-COPY kernels/ /app/kernels/
-COPY quantizer/ /app/quantizer/
-COPY server/ /app/server/
+# The three folders are the subpackages mamp.kernels, mamp.quantizer, mamp.server (as pyproject.toml maps them).
+COPY mamp/ /app/mamp/
+COPY kernels/ /app/mamp/kernels/
+COPY quantizer/ /app/mamp/quantizer/
+COPY server/ /app/mamp/server/
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/mamp-entrypoint
 
 USER 10001:10001

@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.layer_proxy import layer_hessians  # noqa: E402
-from kernels.packing import PackSpec  # noqa: E402
-from quantizer import solver  # noqa: E402
-from quantizer.saliency import group_saliency, top_k_mask  # noqa: E402
+from mamp.kernels.packing import PackSpec  # noqa: E402
+from mamp.quantizer import solver  # noqa: E402
+from mamp.quantizer.saliency import group_saliency, top_k_mask  # noqa: E402
 
 FRACTION = {2: 0.25, 4: 0.05}  # the defaults' start fractions
 

@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.kernels import SHAPE_SETS, random_packed, time_calls  # noqa: E402
-from kernels import cpu_matmul  # noqa: E402
-from kernels.packing import PackSpec  # noqa: E402
+from mamp.kernels import cpu_matmul  # noqa: E402
+from mamp.kernels.packing import PackSpec  # noqa: E402
 
 SOURCES = ("kernels/cpu_matmul.cpp", "kernels/cpu_half_matmul.cpp")
 

@@ -27,7 +27,12 @@ if [ -n "$ASSETS" ]; then ASSETS=$(cd "$ASSETS" && pwd); fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 FORMATS=${FORMATS:-"4,4 2,8"}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
+# No install on the GPU machine: the mamp package is assembled from links (kernels/ -> mamp.kernels, ...), as
+# pyproject.toml maps it, and the repository root serves the tests' own imports.
+PKG=$(mktemp -d)
+mkdir -p "$PKG/mamp" && cp mamp/*.py "$PKG/mamp/"
+for d in kernels quantizer server; do ln -s "$PWD/$d" "$PKG/mamp/$d"; done
+export PYTHONPATH=$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
 T0=$(date +%s)
 step() { echo "== $(($(date +%s) - T0)) s: $*"; }
 
@@ -59,11 +64,11 @@ if [ -n "$ASSETS" ] && [ -d "$ASSETS/stories260K" ]; then
   step "end to end: quantize stories260K on CUDA, perplexity on CUDA"
   {
     CK=$(mktemp -d)/stories-b4
-    timeout 60 $PY -m quantizer "$ASSETS/stories260K" --out "$CK" --bits 4 --calib "$ASSETS/valid.txt" \
+    timeout 60 $PY -m mamp.quantizer "$ASSETS/stories260K" --out "$CK" --bits 4 --calib "$ASSETS/valid.txt" \
       --nsamples 32 --seqlen 256 --device cuda 2>&1 | grep -v '%|'
     # The CPU figure for this command is in docs/RESULTS.md (GPU section): 143.0913 on the CPU box. A CPU eval
     # here would first build the C++ extension, which costs more device time than it tells.
-    timeout 120 $PY -m quantizer.eval "$CK" --text "$ASSETS/test.txt" --seqlen 256 --max-tokens 65536 \
+    timeout 120 $PY -m mamp.quantizer.eval "$CK" --text "$ASSETS/test.txt" --seqlen 256 --max-tokens 65536 \
       --device cuda 2>&1 | grep -v '%|'
   } 2>&1 | tee "$OUT_DIR/e2e.log"
 fi

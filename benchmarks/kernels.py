@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.dispatch import packed_matmul  # noqa: E402
-from kernels.half_linear import half_matmul  # noqa: E402
-from kernels.packing import PackSpec, PackedWeight, pack  # noqa: E402
+from mamp.kernels.dispatch import packed_matmul  # noqa: E402
+from mamp.kernels.half_linear import half_matmul  # noqa: E402
+from mamp.kernels.packing import PackSpec, PackedWeight, pack  # noqa: E402
 
 SHAPE_SETS = {  # (K = in_features, N = out_features)
     "smollm2": [(576, 576), (576, 1536), (1536, 576), (576, 192)],

@@ -15,11 +15,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kernels.packing import PackSpec  # noqa: E402
-from quantizer.calibration import calibration_windows  # noqa: E402
-from quantizer.pipeline import HessianAccumulator, LayerStages, capture_inputs, decoder_layers  # noqa: E402
-from quantizer.saliency import group_saliency, top_k_mask  # noqa: E402
-from quantizer.solver import hinv_diagonal, proxy_loss, solve  # noqa: E402
+from mamp.kernels.packing import PackSpec  # noqa: E402
+from mamp.quantizer.calibration import calibration_windows  # noqa: E402
+from mamp.quantizer.pipeline import HessianAccumulator, LayerStages, capture_inputs, decoder_layers  # noqa: E402
+from mamp.quantizer.saliency import group_saliency, top_k_mask  # noqa: E402
+from mamp.quantizer.solver import hinv_diagonal, proxy_loss, solve  # noqa: E402
 
 GROUPS = [(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 0), (("self_attn.o_proj",), 1),
           (("mlp.gate_proj", "mlp.up_proj"), 2), (("mlp.down_proj",), 3)]

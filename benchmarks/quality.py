@@ -69,11 +69,11 @@ def run_single(model_dir: str, name: str, overrides: dict | None, protocol: str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
-    from quantizer.calibration import calibration_windows
-    from quantizer.config import QuantSpec
-    from quantizer.eval import perplexity, tokenize_file
-    from quantizer.pipeline import quantize_model
-    from quantizer.report import peak_memory_bytes, summarize
+    from mamp.quantizer.calibration import calibration_windows
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.eval import perplexity, tokenize_file
+    from mamp.quantizer.pipeline import quantize_model
+    from mamp.quantizer.report import peak_memory_bytes, summarize
 
     torch.set_num_threads(threads)
     proto = PROTOCOLS[protocol]

@@ -58,14 +58,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """python -m server in a subprocess on loopback; its log goes to a temporary file shown on failure."""
+    """python -m mamp.server in a subprocess on loopback; its log goes to a temporary file shown on failure."""
 
     def __init__(self, model: str, name: str, device: str, max_num_seqs: int, extra: list[str]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.log = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "mamp.server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", name, "--device", device, "--max-num-seqs", str(max_num_seqs), *extra]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 

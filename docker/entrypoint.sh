@@ -4,8 +4,8 @@
 set -euo pipefail
 
 case "${1:-}" in
-  quantize) shift; exec python -m quantizer "$@" ;;
-  eval) shift; exec python -m quantizer.eval "$@" ;;
+  quantize) shift; exec python -m mamp.quantizer "$@" ;;
+  eval) shift; exec python -m mamp.quantizer.eval "$@" ;;
   serve) shift ;;
   "" | -*) ;;
   *) exec "$@" ;;
@@ -13,4 +13,4 @@ esac
 
 # argparse keeps the last value of a repeated flag, so these defaults yield to a --host/--port given after them.
 # The HEALTHCHECK probes MAMP_PORT: change the port with `-e MAMP_PORT=...` rather than --port.
-exec python -m server --host "${MAMP_HOST:-0.0.0.0}" --port "${MAMP_PORT:-8000}" "$@"
+exec python -m mamp.server --host "${MAMP_HOST:-0.0.0.0}" --port "${MAMP_PORT:-8000}" "$@"

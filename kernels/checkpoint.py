@@ -28,9 +28,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from kernels.half_linear import HALF_DTYPES, HalfEmbedding, HalfLinear
-from kernels.packed_linear import PackedLinear
-from kernels.packing import BITS, SALIENT_BITS, TENSOR_NAMES, PackSpec
+from mamp.kernels.half_linear import HALF_DTYPES, HalfEmbedding, HalfLinear
+from mamp.kernels.packed_linear import PackedLinear
+from mamp.kernels.packing import BITS, SALIENT_BITS, TENSOR_NAMES, PackSpec
 
 QUANT_METHOD = "mamp"  # quantization_config.quant_method: how HF-style loaders recognise the format
 FORMAT_VERSION = 1  # bump when a reader of the previous version would misread a new checkpoint

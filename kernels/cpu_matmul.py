@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.packing import GROUP, PackedWeight
+from mamp.kernels.packing import GROUP, PackedWeight
 
 log = logging.getLogger(__name__)
 

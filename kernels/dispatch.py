@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from kernels import ops
-from kernels.packing import PackedWeight, PackSpec
-from kernels.reference import packed_matmul_reference
+from mamp.kernels import ops
+from mamp.kernels.packing import PackedWeight, PackSpec
+from mamp.kernels.reference import packed_matmul_reference
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,14 @@ def _triton_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
 def _cpu_ext_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"the C++ kernel runs on the CPU, not {device.type}"
-    from kernels.cpu_matmul import ext_error
+    from mamp.kernels.cpu_matmul import ext_error
     if not ops.load_cpu_ops():
         return False, f"the C++ extension is unavailable ({ext_error()})"
     return True, "cpu"
 
 
 def _cpu_torch_matmul(x, packed, bias=None):
-    from kernels.cpu_matmul import packed_matmul_torch
+    from mamp.kernels.cpu_matmul import packed_matmul_torch
     return packed_matmul_torch(x, packed, bias)
 
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_matmul
-from kernels.packing import aligned, is_aligned
+from mamp.kernels import cpu_matmul
+from mamp.kernels.packing import aligned, is_aligned
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 SMALL_M = cpu_matmul.SMALL_M  # streaming kernel up to this many rows of x; above, upcast row blocks + BLAS

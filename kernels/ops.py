@@ -18,8 +18,8 @@ import threading
 
 import torch
 
-from kernels import cpu_matmul
-from kernels.packing import PackedWeight, PackSpec
+from mamp.kernels import cpu_matmul
+from mamp.kernels.packing import PackedWeight, PackSpec
 
 GEMV_MAX_M = 16  # rows the Triton GEMV serves; larger M goes to the GEMM
 
@@ -36,9 +36,9 @@ def packed_linear_triton(x: torch.Tensor, qweight: torch.Tensor, bitmap: torch.T
     packed = PackedWeight(spec, qweight, bitmap, scales, zeros, hscales, hzeros)
     m = x.numel() // max(1, x.shape[-1])
     if 1 <= m <= GEMV_MAX_M:
-        from kernels.triton_gemv import packed_gemv
+        from mamp.kernels.triton_gemv import packed_gemv
         return packed_gemv(x, packed, bias)
-    from kernels.triton_gemm import packed_gemm
+    from mamp.kernels.triton_gemm import packed_gemm
     return packed_gemm(x, packed, bias)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.dispatch import choose_kernel
-from kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned
-from kernels.reference import packed_matmul_reference
+from mamp.kernels.dispatch import choose_kernel
+from mamp.kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned
+from mamp.kernels.reference import packed_matmul_reference
 
 
 class PackedLinear(nn.Module):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import PackedWeight, dequantize
+from mamp.kernels.packing import PackedWeight, dequantize
 
 
 def packed_matmul_reference(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packing import PackedWeight
+from mamp.kernels.packing import PackedWeight
 
 
 def check_launch_args(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,

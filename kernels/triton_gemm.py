@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packing import PackedWeight
-from kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from kernels.triton_decode import check_launch_args, dequant_tile, load_word_rows
+from mamp.kernels.packing import PackedWeight
+from mamp.kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
+from mamp.kernels.triton_decode import check_launch_args, dequant_tile, load_word_rows
 
 GROUP_M = 8  # program-id swizzle: neighbouring programs share weight tiles in L2
 

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packing import PackedWeight
-from kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from kernels.triton_decode import MAGIC, check_launch_args, code_bits, dequant_tile, load_word_rows
+from mamp.kernels.packing import PackedWeight
+from mamp.kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
+from mamp.kernels.triton_decode import MAGIC, check_launch_args, code_bits, dequant_tile, load_word_rows
 
 MAX_M = 16  # rows this kernel serves; PackedLinear sends larger M to the GEMM
 DOT_M = 16  # activation tile for 1 < M <= 16 (tl.dot needs 16)

@@ -1,4 +1,4 @@
-"""python -m quantizer MODEL --out DIR [...]: quantize a Llama-family HF model into a mamp checkpoint."""
+"""mamp quantize / python -m mamp.quantizer MODEL --out DIR [...]: quantize a Llama-family HF model into a mamp checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantizer.config import ASSIGNS, KEEP_DTYPES, METHODS, QuantSpec, SpecError
+from mamp.quantizer.config import ASSIGNS, KEEP_DTYPES, METHODS, QuantSpec, SpecError
 
 DEFAULTS = QuantSpec.build()
 
@@ -20,8 +20,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m quantizer", description=__doc__.split(":", 1)[1].strip())
+def build_parser(prog: str = "python -m mamp.quantizer") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=__doc__.split(":", 1)[1].strip())
     p.add_argument("model", help="local HF folder or hub id (Llama, Mistral, Qwen2, SmolLM)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
@@ -72,11 +72,11 @@ def spec_from_args(a) -> QuantSpec:
 def run(a) -> int:
     import torch
 
-    from quantizer.calibration import calibration_windows, load_text
-    from kernels.checkpoint import check_output
-    from quantizer.export import save_quantized
-    from quantizer.pipeline import check_model, quantize_model
-    from quantizer.report import format_summary, summarize
+    from mamp.quantizer.calibration import calibration_windows, load_text
+    from mamp.kernels.checkpoint import check_output
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import check_model, quantize_model
+    from mamp.quantizer.report import format_summary, summarize
 
     spec = spec_from_args(a)
     check_output(a.out, a.overwrite)
@@ -111,13 +111,13 @@ def run(a) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from quantizer.calibration import CalibrationError
-    from kernels.checkpoint import CheckpointError
-    from quantizer.pipeline import UnsupportedModel
+def main(argv: list[str] | None = None, prog: str = "python -m mamp.quantizer") -> int:
+    from mamp.quantizer.calibration import CalibrationError
+    from mamp.kernels.checkpoint import CheckpointError
+    from mamp.quantizer.pipeline import UnsupportedModel
 
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
         return run(args)
     except (UsageError, SpecError, CalibrationError, CheckpointError, UnsupportedModel, OSError) as e:
         msg = " ".join(str(e).split())

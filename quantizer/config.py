@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from kernels.checkpoint import ASSIGNS, KEEP_DTYPES, METHODS
-from kernels.packing import BITS, SALIENT_BITS
+from mamp.kernels.checkpoint import ASSIGNS, KEEP_DTYPES, METHODS
+from mamp.kernels.packing import BITS, SALIENT_BITS
 
 __all__ = ["ASSIGNS", "BITS", "KEEP_DTYPES", "METHODS", "SALIENT_BITS", "QuantSpec", "SpecError"]
 # Default salient-code width per base width, chosen by measurement (benchmarks/quality.py, SmolLM2-135M, reference

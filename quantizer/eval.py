@@ -1,6 +1,6 @@
 """Token-level perplexity of a mamp checkpoint (or an ordinary HF checkpoint) on a text file.
 
-    python -m quantizer.eval CHECKPOINT --text FILE [--seqlen 2048] [--max-tokens N]
+    mamp eval / python -m mamp.quantizer.eval CHECKPOINT --text FILE [--seqlen 2048] [--max-tokens N]
 
 The text is tokenized whole without BOS and cut into non-overlapping windows of seqlen tokens (the last partial
 window is dropped); every window scores its seqlen - 1 next-token predictions.
@@ -34,7 +34,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device="cpu", progress:
 
 def load_any(path: str, device="cpu"):
     """(model, tokenizer, description): a mamp checkpoint via load_checkpoint, else an HF checkpoint in fp32."""
-    from kernels.checkpoint import load_checkpoint, read_quantization_config
+    from mamp.kernels.checkpoint import load_checkpoint, read_quantization_config
 
     q = read_quantization_config(path) if Path(path).is_dir() else None
     if q is not None:
@@ -54,8 +54,8 @@ def tokenize_file(tokenizer, path: str | Path, max_tokens: int | None = None) ->
     return ids[:max_tokens] if max_tokens else ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quantizer.eval", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m mamp.quantizer.eval") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--text", required=True, help="text file to score")
     p.add_argument("--seqlen", type=int, default=2048)

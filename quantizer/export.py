@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.checkpoint import CALIBRATION_KEYS, QuantizationConfig, packed_tensor_names, save_checkpoint
+from mamp.kernels.checkpoint import CALIBRATION_KEYS, QuantizationConfig, packed_tensor_names, save_checkpoint
 
 
 def quantization_config(qm) -> QuantizationConfig:

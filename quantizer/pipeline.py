@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kernels.packing import PackedWeight, PackSpec
-from quantizer.config import QuantSpec
-from quantizer.saliency import group_saliency, top_k_mask
-from quantizer.solver import hinv_diagonal, solve
+from mamp.kernels.packing import PackedWeight, PackSpec
+from mamp.quantizer.config import QuantSpec
+from mamp.quantizer.saliency import group_saliency, top_k_mask
+from mamp.quantizer.solver import hinv_diagonal, solve
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 OUT = ("self_attn.o_proj",)

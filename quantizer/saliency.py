@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import GROUP
+from mamp.kernels.packing import GROUP
 
 
 def group_saliency(weight: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.packing import (GROUP, MIN_SCALE, SCALE_DTYPE, PackedWeight, PackSpec, affine_grid, dequantize_affine,
+from mamp.kernels.packing import (GROUP, MIN_SCALE, SCALE_DTYPE, PackedWeight, PackSpec, affine_grid, dequantize_affine,
                              pack, quantize_affine)
 
 CLIP_STEPS = 40  # shrink factors 1.00, 0.98, ..., 0.22: the MSE clipping search's candidates

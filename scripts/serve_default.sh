@@ -17,6 +17,6 @@ ckpt="$cache/SmolLM2-135M-Instruct-mamp-b4"
 calib=../shared/assets/wikitext-2/valid.txt
 [ -f "$calib" ] || calib=c4   # offline machines keep ../shared beside the checkout
 if [ ! -f "$ckpt/config.json" ]; then
-  python -m quantizer "$float" --out "$ckpt" --method mamp --bits 4 --calib "$calib" --nsamples 32 --seqlen 512
+  python -m mamp.quantizer "$float" --out "$ckpt" --method mamp --bits 4 --calib "$calib" --nsamples 32 --seqlen 512
 fi
-exec python -m server --model "$ckpt" --served-model-name SmolLM2-135M-Instruct-mamp "$@"
+exec python -m mamp.server --model "$ckpt" --served-model-name SmolLM2-135M-Instruct-mamp "$@"

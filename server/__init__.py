@@ -1,6 +1,6 @@
 """OpenAI-compatible server for packed mamp checkpoints and plain Hugging Face Llama-family checkpoints.
 
-    python -m server --model CHECKPOINT [--port 8000] [--api-key KEY] [--max-num-seqs 16] [--max-queue 256]
+    mamp serve --model CHECKPOINT [--port 8000] [--api-key KEY] [--max-num-seqs 16] [--max-queue 256]
 
 Layout, from the wire inwards:
     __main__.py   argparse -> ServerConfig (config.py) -> build_runtime (runtime.py) -> uvicorn

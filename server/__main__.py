@@ -1,4 +1,4 @@
-"""python -m server --model CHECKPOINT [...]: a thin shell over ServerConfig -> build_runtime -> uvicorn."""
+"""mamp serve / python -m mamp.server --model CHECKPOINT [...]: a thin shell over ServerConfig -> build_runtime -> uvicorn."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +11,9 @@ from .config import ServerConfig
 from .runtime import build_runtime
 
 
-def parse_args(argv=None) -> ServerConfig:
+def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     d = ServerConfig(model="")
-    p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible mamp server")
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible mamp server")
     p.add_argument("--model", required=True, help="packed mamp checkpoint or Hugging Face Llama-family folder")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
@@ -31,8 +31,8 @@ def parse_args(argv=None) -> ServerConfig:
         p.error(str(exc))
 
 
-def main(argv=None) -> None:
-    config = parse_args(argv)
+def main(argv=None, prog: str = "python -m mamp.server") -> None:
+    config = parse_args(argv, prog)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(build_runtime(config))
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.checkpoint import load_checkpoint, read_quantization_config
-from kernels.packed_linear import weight_memory
+from mamp.kernels.checkpoint import load_checkpoint, read_quantization_config
+from mamp.kernels.packed_linear import weight_memory
 
 logger = logging.getLogger(__name__)
 

@@ -53,9 +53,9 @@ class LiveServer:
     def __init__(self, **config):
         import uvicorn
 
-        from server.app import create_app
-        from server.config import ServerConfig
-        from server.runtime import build_runtime
+        from mamp.server.app import create_app
+        from mamp.server.config import ServerConfig
+        from mamp.server.runtime import build_runtime
 
         self.config = ServerConfig(**config)
         self.runtime = build_runtime(self.config)

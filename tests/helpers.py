@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.packing import PackedWeight, PackSpec, dequantize, pack
+from mamp.kernels.packing import PackedWeight, PackSpec, dequantize, pack
 
 # |y - y64| <= TOL * (|x| @ |W|^T + |bias|): fp32 accumulation, then rounding to the output dtype.
 TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.checkpoint import (FORMAT_VERSION, CheckpointError, QuantizationConfig, load_checkpoint,
+from mamp.kernels.checkpoint import (FORMAT_VERSION, CheckpointError, QuantizationConfig, load_checkpoint,
                                 read_quantization_config)
-from kernels.packed_linear import PackedLinear
-from kernels.packing import PackSpec
+from mamp.kernels.packed_linear import PackedLinear
+from mamp.kernels.packing import PackSpec
 
 DATA = Path(__file__).resolve().parent / "data"
 LEGACY = DATA / "legacy-v1-b4"
@@ -73,7 +73,7 @@ def test_plain_hf_folder_is_not_a_mamp_checkpoint(tiny_llama_dir):
 
 
 def test_kernel_chosen_once_at_load_with_refusals_logged(caplog):
-    with caplog.at_level(logging.DEBUG, logger="kernels.dispatch"):
+    with caplog.at_level(logging.DEBUG, logger="mamp.kernels.dispatch"):
         model, _ = load_checkpoint(LEGACY)
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(layers) == 14 and {m.kernel_name for m in layers} <= {"cpu", "cpu-torch"}
@@ -83,8 +83,8 @@ def test_kernel_chosen_once_at_load_with_refusals_logged(caplog):
 
 
 def test_server_reads_checkpoints_without_the_quantizer():
-    code = ("import sys, server.__main__, server.app, server.runtime, server.model_loader, kernels.checkpoint; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'quantizer'))")
+    code = ("import sys, mamp.server.__main__, mamp.server.app, mamp.server.runtime, mamp.server.model_loader, "
+            "mamp.kernels.checkpoint; print(sorted(m for m in sys.modules if 'quantizer' in m.split('.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

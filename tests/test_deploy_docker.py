@@ -151,9 +151,13 @@ def test_dependencies_are_installed_before_the_source_is_copied():
 
 
 def test_copies_every_package_and_no_model_files():
-    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = sorted(p.rstrip("*") for p in include)
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    packages = sorted(package_dir.values())  # the folders that become mamp, mamp.kernels, ...
     copied = [s.rstrip("/") for k, a in instructions() if k in ("COPY", "ADD") for s in copy_sources(a)]
+    copy_lines = [a for k, a in instructions() if k == "COPY"]
+    for name, folder in package_dir.items():  # each lands where its import name says: /app/mamp/kernels/ ...
+        dest = "/app/" + name.replace(".", "/") + "/"
+        assert any(f"{folder}/ {dest}" in a for a in copy_lines), f"{folder}/ is not copied to {dest}"
     assert "ADD" not in {k for k, _ in instructions()}, "use COPY; ADD fetches URLs and unpacks archives"
     for package in packages:
         assert package in copied, f"package {package}/ is not copied into the image"
@@ -203,13 +207,13 @@ def run_entrypoint(bin_dir: Path, *args: str, **env: str) -> list[str]:
 @pytest.mark.parametrize(
     "args, env, expected",
     [
-        (["--model", "/models/ckpt"], {}, ["-m", "server", "--host", "0.0.0.0", "--port", "8000", "--model", "/models/ckpt"]),
-        (["serve", "--model", "/m"], {}, ["-m", "server", "--host", "0.0.0.0", "--port", "8000", "--model", "/m"]),
-        ([], {"MAMP_PORT": "9000", "MAMP_HOST": "127.0.0.1"}, ["-m", "server", "--host", "127.0.0.1", "--port", "9000"]),
+        (["--model", "/models/ckpt"], {}, ["-m", "mamp.server", "--host", "0.0.0.0", "--port", "8000", "--model", "/models/ckpt"]),
+        (["serve", "--model", "/m"], {}, ["-m", "mamp.server", "--host", "0.0.0.0", "--port", "8000", "--model", "/m"]),
+        ([], {"MAMP_PORT": "9000", "MAMP_HOST": "127.0.0.1"}, ["-m", "mamp.server", "--host", "127.0.0.1", "--port", "9000"]),
         (["quantize", "HuggingFaceTB/SmolLM2-135M", "--out", "/out/ckpt", "--bits", "4"], {},
-         ["-m", "quantizer", "HuggingFaceTB/SmolLM2-135M", "--out", "/out/ckpt", "--bits", "4"]),
+         ["-m", "mamp.quantizer", "HuggingFaceTB/SmolLM2-135M", "--out", "/out/ckpt", "--bits", "4"]),
         (["eval", "/models/ckpt", "--text", "/data/a b.txt"], {},
-         ["-m", "quantizer.eval", "/models/ckpt", "--text", "/data/a b.txt"]),
+         ["-m", "mamp.quantizer.eval", "/models/ckpt", "--text", "/data/a b.txt"]),
         (["python", "-c", "print(1)"], {}, ["-c", "print(1)"]),
     ],
 )

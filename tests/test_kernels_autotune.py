@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from kernels import triton_autotune
-from kernels.triton_autotune import DiskAutotuner, KernelConfig
+from mamp.kernels import triton_autotune
+from mamp.kernels.triton_autotune import DiskAutotuner, KernelConfig
 
 
 def test_autotune_cache_roundtrip(tmp_path, monkeypatch):

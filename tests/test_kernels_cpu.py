@@ -7,11 +7,11 @@ strided x. Outputs are poisoned with NaN before each run so an unwritten element
 import pytest
 import torch
 
-from kernels import cpu_matmul
-from kernels.dispatch import can_implement
-from kernels.packed_linear import PackedLinear
-from kernels.packing import PackSpec, dequantize
-from kernels.reference import packed_matmul_reference
+from mamp.kernels import cpu_matmul
+from mamp.kernels.dispatch import can_implement
+from mamp.kernels.packed_linear import PackedLinear
+from mamp.kernels.packing import PackSpec, dequantize
+from mamp.kernels.reference import packed_matmul_reference
 from tests.helpers import TOL, check_close, make_case, make_x, random_packed
 
 WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # h = b takes the one-decode path
@@ -134,8 +134,8 @@ def test_can_implement_reasons():
 
 def test_packed_linear_under_autograd_matches_and_backpropagates():
     """Calling a packed model with grad mode on (HF's default outside no_grad) must work and give dL/dx."""
-    from kernels.packed_linear import PackedLinear
-    from kernels.packing import PackSpec, dequantize
+    from mamp.kernels.packed_linear import PackedLinear
+    from mamp.kernels.packing import PackSpec, dequantize
 
     spec = PackSpec(48, 16, bits=2, salient_bits=2, group_size=32, salient_group_size=32)
     packed, _ = random_packed(spec, 0.25)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import cpu_matmul
-from kernels.half_linear import (HalfEmbedding, HalfLinear, half_matmul, half_matmul_reference,
+from mamp.kernels import cpu_matmul
+from mamp.kernels.half_linear import (HalfEmbedding, HalfLinear, half_matmul, half_matmul_reference,
                                  half_matmul_torch)
 
 WDTYPES = [torch.bfloat16, torch.float16]
@@ -158,7 +158,7 @@ def test_torch_fallback(monkeypatch):
         calls.append(1)
         return real(*a, **kw)
 
-    import kernels.half_linear as hl
+    import mamp.kernels.half_linear as hl
     monkeypatch.setattr(hl, "half_matmul_torch", spy)
     x = torch.randn(3, 72)
     check_close(run_poisoned(half_matmul, x, w, bias), x, w, bias)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import ops
-from kernels.half_linear import HalfLinear
-from kernels.packed_linear import PackedLinear
-from kernels.packing import PackSpec
+from mamp.kernels import ops
+from mamp.kernels.half_linear import HalfLinear
+from mamp.kernels.packed_linear import PackedLinear
+from mamp.kernels.packing import PackSpec
 from tests.helpers import random_packed
 
 pytestmark = pytest.mark.skipif(not ops.load_cpu_ops(), reason="the C++ extension cannot be built here")

@@ -52,7 +52,7 @@ def _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
 
 def _check(kernel, packed, bias, x, config):
     """Run on DEVICE into a NaN-poisoned out=, compare with float64 and the reference on the CPU."""
-    from kernels.reference import packed_matmul_reference
+    from mamp.kernels.reference import packed_matmul_reference
 
     pd, xd = packed.to(DEVICE), x.to(DEVICE)
     bd = None if bias is None else bias.to(DEVICE)
@@ -69,8 +69,8 @@ def _check(kernel, packed, bias, x, config):
 @needs_triton
 @pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided", _cases([1, 3]))
 def test_gemv(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
-    from kernels.triton_autotune import KernelConfig
-    from kernels.triton_gemv import GEMV_CONFIGS, packed_gemv
+    from mamp.kernels.triton_autotune import KernelConfig
+    from mamp.kernels.triton_gemv import GEMV_CONFIGS, packed_gemv
 
     packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided)
     # The first curated config, and a narrow split-K one (atomics into the fp32 workspace).
@@ -82,8 +82,8 @@ def test_gemv(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
 @needs_triton
 @pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided", _cases([17]))
 def test_gemm(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
-    from kernels.triton_autotune import KernelConfig
-    from kernels.triton_gemm import packed_gemm
+    from mamp.kernels.triton_autotune import KernelConfig
+    from mamp.kernels.triton_gemm import packed_gemm
 
     packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided)
     _check(packed_gemm, packed, bias, x, KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}))
@@ -92,7 +92,7 @@ def test_gemm(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
 @needs_triton
 @pytest.mark.parametrize("bits,hbits", [(2, 8), (4, 4)])
 def test_gemm_m257_and_curated_config(bits, hbits):
-    from kernels.triton_gemm import GEMM_CONFIGS, packed_gemm
+    from mamp.kernels.triton_gemm import GEMM_CONFIGS, packed_gemm
 
     packed, bias, x = _setup(bits, hbits, torch.float16, 257, 172, 80, 0.04, True, True)
     _check(packed_gemm, packed, bias, x, GEMM_CONFIGS[0])
@@ -100,7 +100,7 @@ def test_gemm_m257_and_curated_config(bits, hbits):
 
 @needs_triton
 def test_gemv_m16_and_batched_shape():
-    from kernels.triton_gemv import packed_gemv
+    from mamp.kernels.triton_gemv import packed_gemv
 
     packed, bias, x = _setup(2, 8, torch.float16, 16, 208, 48, 0.5, True, False)
     _check(packed_gemv, packed, bias, x, None)  # config None: the tuner's pick (first config off-GPU)
@@ -112,7 +112,7 @@ def test_gemv_m16_and_batched_shape():
 def test_packed_linear_dispatches_to_triton_on_gpu():
     if not ON_GPU:
         pytest.skip("PackedLinear sends CPU tensors to the CPU kernel; the CUDA route needs a GPU")
-    from kernels.packed_linear import PackedLinear
+    from mamp.kernels.packed_linear import PackedLinear
 
     packed, bias, _ = _setup(2, 8, torch.float16, 1, 384, 80, 0.04, True, False)
     layer = PackedLinear.from_packed(packed, bias).to(DEVICE)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.packing import (GROUP, PackedWeight, PackSpec, affine_grid, dequantize, dequantize_affine, pack,
+from mamp.kernels.packing import (GROUP, PackedWeight, PackSpec, affine_grid, dequantize, dequantize_affine, pack,
                              pack_bitmap, quantize_affine, unpack, unpack_bitmap)
 from tests.helpers import random_packed
 

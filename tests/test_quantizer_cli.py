@@ -2,7 +2,7 @@
 import torch
 import pytest
 
-from quantizer.__main__ import main
+from mamp.quantizer.__main__ import main
 from tests.helpers import save_tiny, tiny_tokenizer, write_text
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.half_linear import HalfEmbedding, HalfLinear
-from kernels.packed_linear import PackedLinear, weight_memory
-from kernels.checkpoint import FORMAT_VERSION, load_checkpoint
-from kernels.packing import dequantize
-from quantizer.export import save_quantized
-from quantizer.config import QuantSpec
-from quantizer.pipeline import (LINEARS, HessianAccumulator, LayerStages, capture_inputs, decoder_layers,
+from mamp.kernels.half_linear import HalfEmbedding, HalfLinear
+from mamp.kernels.packed_linear import PackedLinear, weight_memory
+from mamp.kernels.checkpoint import FORMAT_VERSION, load_checkpoint
+from mamp.kernels.packing import dequantize
+from mamp.quantizer.export import save_quantized
+from mamp.quantizer.config import QuantSpec
+from mamp.quantizer.pipeline import (LINEARS, HessianAccumulator, LayerStages, capture_inputs, decoder_layers,
                                 quantize_model)
 from tests.helpers import tiny_llama, tiny_tokenizer
 
@@ -124,7 +124,7 @@ def test_stages_equal_layer():
 def test_true_sequential_sees_quantized_inputs(monkeypatch):
     """o_proj's Hessian comes from the attention output of the already-quantized q, k, v (true-sequential), or of
     the float ones (not): both recomputed here from layer 0's inputs and compared with what the solver got."""
-    from quantizer import pipeline
+    from mamp.quantizer import pipeline
 
     windows = torch.randint(3, 503, (4, 32), generator=torch.Generator().manual_seed(1))
     seen: dict[bool, list] = {True: [], False: []}
@@ -160,8 +160,8 @@ def test_true_sequential_sees_quantized_inputs(monkeypatch):
 @pytest.mark.skipif(not STORIES.exists(), reason="shared stories260K absent")
 def test_stories260k_cli_end_to_end(tmp_path, capsys):
     """The real tiny Llama (FFN 172: padded K) through the CLI, then load_checkpoint and the evaluator."""
-    from quantizer.__main__ import main
-    from quantizer.eval import main as eval_main
+    from mamp.quantizer.__main__ import main
+    from mamp.quantizer.eval import main as eval_main
 
     text = tmp_path / "calib.txt"
     text.write_text("Once upon a time there was a little girl named Lily. She liked to play in the park. " * 60)
@@ -185,7 +185,7 @@ def test_perplexity_windows():
     """Uniform logits give perplexity = vocab; windows are non-overlapping and the partial tail is dropped."""
     from types import SimpleNamespace
 
-    from quantizer.eval import perplexity
+    from mamp.quantizer.eval import perplexity
 
     seen = []
 

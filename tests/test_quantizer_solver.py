@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels.packing import PackSpec, dequantize, unpack_bitmap
-from quantizer.saliency import group_saliency, top_k_mask
-from quantizer.solver import hinv_diagonal, proxy_loss, solve
+from mamp.kernels.packing import PackSpec, dequantize, unpack_bitmap
+from mamp.quantizer.saliency import group_saliency, top_k_mask
+from mamp.quantizer.solver import hinv_diagonal, proxy_loss, solve
 
 
 def correlated(n_tokens: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -66,8 +66,8 @@ def test_mse_clip_pays(bits, most):
 def test_coarse_clip_search(bits, monkeypatch):
     """Coarse to fine tries a subset of the 40 shrink factors: per row never better than trying them all (the
     exhaustive search, written out here), never worse than the best coarse candidate, and equal on most rows."""
-    from kernels.packing import affine_grid
-    from quantizer import solver
+    from mamp.kernels.packing import affine_grid
+    from mamp.quantizer import solver
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(256, 128, generator=g) * torch.rand(256, 1, generator=g)
     x[:, 5] *= 8  # an outlier column: clipping pays

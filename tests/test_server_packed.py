@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 def packed_dir(tmp_path_factory, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantizer.config import QuantSpec
-    from quantizer.export import save_quantized
-    from quantizer.pipeline import quantize_model
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import quantize_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64)
@@ -24,8 +24,8 @@ def packed_dir(tmp_path_factory, tiny_llama_dir):
 
 
 def test_packed_checkpoint_serves_like_its_hf_forward(start_server, packed_dir):
-    from kernels.packed_linear import PackedLinear
-    from server.model_loader import load_for_serving
+    from mamp.kernels.packed_linear import PackedLinear
+    from mamp.server.model_loader import load_for_serving
 
     model, tok, info = load_for_serving(packed_dir, "cpu", "float32")
     assert info.quantized and isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)

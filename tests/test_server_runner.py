@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from server.batched_llama import BatchedLlama
-from server.detokenizer import IncrementalDetokenizer
-from server.model_loader import weight_memory
-from server.sampling import SamplingParams, make_generator, sample
+from mamp.server.batched_llama import BatchedLlama
+from mamp.server.detokenizer import IncrementalDetokenizer
+from mamp.server.model_loader import weight_memory
+from mamp.server.sampling import SamplingParams, make_generator, sample
 
 ATOL = 1e-4
 

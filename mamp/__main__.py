@@ -1,0 +1,5 @@
+import sys
+
+from mamp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""The `mamp` command (mamp quantize | eval | serve) and the installed package layout: the repository's folders
+are mamp.kernels / mamp.quantizer / mamp.server, and no top-level `kernels` of ours shadows PyPI's."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mamp(args, cwd):
+    """Run the console script when installed on PATH beside this interpreter, else `python -m mamp`."""
+    script = shutil.which("mamp", path=str(Path(sys.executable).parent))
+    cmd = [script] if script else [sys.executable, "-m", "mamp"]
+    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_three_commands(tmp_path):
+    r = _mamp(["--help"], tmp_path)
+    assert r.returncode == 0
+    for command in ("mamp quantize", "mamp eval", "mamp serve"):
+        assert command in r.stdout
+    r = _mamp(["serve", "--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: mamp serve") and "--max-num-seqs" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["bogus"], ["eval", str(REPO / "no-such-checkpoint"), "--text", "x.txt"],
+                                  ["quantize", "m"]])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args):
+    r = _mamp(args, tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_no_top_level_kernels_package_of_ours(tmp_path):
+    """Outside the repository (so the checkout itself is not on sys.path) `kernels` is not ours to import."""
+    code = ("import importlib.util, mamp.kernels.checkpoint, mamp.server.app, mamp.quantizer.export; "
+            "s = importlib.util.find_spec('kernels'); print('none' if s is None else s.origin)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    origin = r.stdout.strip()
+    assert origin == "none" or not origin.startswith(str(REPO)), origin
