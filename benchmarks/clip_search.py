@@ -1,4 +1,4 @@
-"""The clipping search's speed/quality trade: coarse-to-fine (quantizer.solver.CLIP_COARSE) vs all 40 candidates.
+"""The clipping search's speed/quality trade: coarse-to-fine (solve(..., clip_coarse=4)) vs all 40 candidates.
 
     python benchmarks/clip_search.py [--model DIR] [--layers 2,15] [--coarse 4] [--nsamples 16]
 
@@ -27,14 +27,9 @@ FRACTION = {2: 0.25, 4: 0.05}  # the defaults' start fractions
 
 
 def timed_solve(w, h, spec, sal, coarse: int) -> tuple[float, float]:
-    saved = solver.CLIP_COARSE
-    solver.CLIP_COARSE = coarse
-    try:
-        t0 = time.perf_counter()
-        q = solver.solve(w, h, spec, sal, mse_clip=True, assign="error", refit=True).weight
-        return solver.proxy_loss(w, q, h), time.perf_counter() - t0
-    finally:
-        solver.CLIP_COARSE = saved
+    t0 = time.perf_counter()
+    q = solver.solve(w, h, spec, sal, mse_clip=True, assign="error", refit=True, clip_coarse=coarse).weight
+    return solver.proxy_loss(w, q, h), time.perf_counter() - t0
 
 
 def main() -> None:

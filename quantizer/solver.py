@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mamp.kernels.packing import (GROUP, MIN_SCALE, SCALE_DTYPE, PackedWeight, PackSpec, affine_grid, dequantize_affine,
-                             pack, quantize_affine)
+from mamp.kernels.packing import (GROUP, MIN_SCALE, SCALE_DTYPE, PackedWeight, PackSpec, affine_grid,
+                                  dequantize_affine, pack, quantize_affine)
 
 CLIP_STEPS = 40  # shrink factors 1.00, 0.98, ..., 0.22: the MSE clipping search's candidates
 CLIP_STEP = 0.02
-CLIP_COARSE = 4  # the search tries every 4th candidate, then the 3 on each side of each row's best (16 of 40);
-                 # 1: all 40
+CLIP_COARSE = 4  # default stride of the search: every 4th candidate, then the 3 on each side of each row's best
+                 # (16 of 40); pass clip_coarse=1 to solve / coarse=1 to fit_grid for all 40
 CLIP_NORM = 2.4  # error norm of the search (GPTQ's choice)
 ASSIGN_ITERS = 4  # alternating grid-fit / group-assignment rounds per scale group ("error" assignment)
 ASSIGNS = ("saliency", "error")
@@ -73,9 +73,10 @@ def inverse_hessian(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool,
-             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             weight: torch.Tensor | None = None, coarse: int = CLIP_COARSE) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row affine grid for the entries of x [N, M] where mask is True; 0 always lies inside the range.
-    weight: optional [M] per-column weights of the clipping search's error.
+    weight: optional [M] per-column weights of the clipping search's error; coarse: the search's stride (every
+    coarse-th shrink factor, then the coarse - 1 on each side of each row's best; 1 tries all CLIP_STEPS).
 
     Returns (scale [N], zero [N]) from kernels.packing.affine_grid (fp16-rounded scale, integer zero).
     """
@@ -85,14 +86,14 @@ def fit_grid(x: torch.Tensor, mask: torch.Tensor, bits: int, mse_clip: bool,
     scale, zero = affine_grid(xmin, xmax, bits)
     if not mse_clip:
         return scale, zero
-    # Coarse to fine (16 of the 40 candidates at CLIP_COARSE = 4). On SmolLM2 layers (benchmarks/clip_search.py)
+    # Coarse to fine (16 of the 40 candidates at coarse = 4). On SmolLM2 layers (benchmarks/clip_search.py)
     # the layer error moves by -0.1 % to +0.6 % against all 40, and the solver takes about half the time.
     best = _grid_error(xm, scale, zero, bits, weight)
     best_i = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    for i in range(CLIP_COARSE, CLIP_STEPS, CLIP_COARSE):
+    for i in range(coarse, CLIP_STEPS, coarse):
         scale, zero, best, best_i = _try_clip(xm, xmin, xmax, bits, weight, torch.full_like(best_i, i),
                                               scale, zero, best, best_i)
-    for d in [*range(1 - CLIP_COARSE, 0), *range(1, CLIP_COARSE)]:
+    for d in [*range(1 - coarse, 0), *range(1, coarse)]:
         scale, zero, best, best_i = _try_clip(xm, xmin, xmax, bits, weight, best_i + d, scale, zero, best, best_i)
     return scale, zero
 
@@ -138,16 +139,16 @@ def _group_errors(x: torch.Tensor, valid: torch.Tensor, wgt: torch.Tensor, scale
     return el, eh
 
 
-def _fit_grids(x, sal_col, valid, run, b, h, mse_clip, wgt=None):
+def _fit_grids(x, sal_col, valid, run, b, h, mse_clip, wgt=None, coarse=CLIP_COARSE):
     """Normal grid on the valid non-salient values of x [N, M]; salient grid on the means of the salient runs.
 
     sal_col: [N, M] bool (constant over each 16-group); wgt: optional [M] error weights of the clipping search.
     Returns (scale, zero, hscale, hzero), each [N].
     """
-    scale, zero = fit_grid(x, ~sal_col & valid, b, mse_clip, wgt)
+    scale, zero = fit_grid(x, ~sal_col & valid, b, mse_clip, wgt, coarse)
     means = _run_means(x, valid, run)
     hw = None if wgt is None else wgt.reshape(-1, run).sum(1)
-    hscale, hzero = fit_grid(means, sal_col[:, ::run], h, mse_clip, hw)
+    hscale, hzero = fit_grid(means, sal_col[:, ::run], h, mse_clip, hw, coarse)
     return scale, zero, hscale, hzero
 
 
@@ -159,25 +160,103 @@ def _run_means(x: torch.Tensor, valid: torch.Tensor, run: int) -> torch.Tensor:
     return s / v.sum(-1).clamp_min(1.0)
 
 
-class _one_thread:
-    """The column loop issues thousands of tiny ops; OpenMP fork/join per op costs far more than the work
-    (measured 35x slower with 2 threads on a busy 2-core machine), so the solver runs single-threaded."""
+@dataclass
+class _Masks:
+    """The group-to-grid assignment at three granularities, kept in step: per 16-group, per input row, per run."""
 
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
+    groups: torch.Tensor  # [N, G] bool
+    cols: torch.Tensor  # [N, K_pad]
+    runs: torch.Tensor  # [N, K_pad / run]
 
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-
-def solve(*args, **kwargs) -> SolverResult:
-    """See _solve. Runs with one intra-op thread."""
-    with _one_thread():
-        return _solve(*args, **kwargs)
+    def set_group(self, g: int, pick: torch.Tensor, run: int) -> None:
+        c0, c1 = g * GROUP, (g + 1) * GROUP
+        self.groups[:, g] = pick
+        self.cols[:, c0:c1] = pick[:, None]
+        self.runs[:, c0 // run:c1 // run] = pick[:, None]
 
 
-def _solve(
+class _Grids:
+    """Where the column loop's grids come from: a strategy called at group boundaries (`at_column`), which sets
+    the grids in force (scale, zero, hscale, hzero: [N] each), records them in the packed grid tensors, and may
+    move 16-groups between the grids (masks). Subclasses: FixedGrids, SaliencyGrids, ErrorGrids."""
+
+    def __init__(self, spec: PackSpec, masks: _Masks, valid: torch.Tensor, col_wgt: torch.Tensor,
+                 out: tuple[torch.Tensor, ...], has_salient: bool, mse_clip: bool, clip_coarse: int) -> None:
+        self.spec, self.masks, self.valid, self.col_wgt = spec, masks, valid, col_wgt
+        self.scales, self.zeros, self.hscales, self.hzeros = out
+        self.has_salient, self.mse_clip, self.coarse = has_salient, mse_clip, clip_coarse
+        self.scale = self.zero = self.hscale = self.hzero = None
+
+    def at_column(self, col: int, upcoming, group) -> None:
+        """Called before column `col` is quantized. upcoming(m): the current (error-compensated) values of
+        columns col .. col + m - 1 as [N, <= m]; group(): those of the 16-group starting at col, [N, 16]."""
+        raise NotImplementedError
+
+    def _reassign(self, col: int, values: torch.Tensor) -> None:
+        """Move the 16-group at col to the grid (in force) on which its current values round with less error."""
+        s, c1 = self.spec, col + GROUP
+        el, eh = _group_errors(values, self.valid[col:c1], self.col_wgt[col:c1], self.scale, self.zero,
+                               self.hscale, self.hzero, s.bits, s.salient_bits, s.run)
+        self.masks.set_group(col // GROUP, (eh < el)[:, 0], s.run)
+
+
+class FixedGrids(_Grids):
+    """Grids given in advance (a second pass over a first one's grids); with reassign, groups still move."""
+
+    def __init__(self, *args, reassign: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reassign = reassign
+
+    def at_column(self, col, upcoming, group):
+        gs, sgs = self.spec.group_size, self.spec.salient_group_size
+        if col % gs == 0:
+            self.scale, self.zero = self.scales[col // gs], self.zeros[col // gs]
+        if self.has_salient and col % sgs == 0:
+            self.hscale, self.hzero = self.hscales[col // sgs], self.hzeros[col // sgs]
+        if self.reassign and col % GROUP == 0:
+            self._reassign(col, group())
+
+
+class SaliencyGrids(_Grids):
+    """The paper: the mask is fixed; each grid is fitted at its scale-group start to the current values of its
+    own groups (non-salient values for the normal grid, salient run means for the salient one)."""
+
+    def at_column(self, col, upcoming, group):
+        s, m = self.spec, self.masks
+        if col % s.group_size == 0:
+            cur = upcoming(s.group_size)
+            keep = ~m.cols[:, col:col + s.group_size] & self.valid[col:col + s.group_size]
+            self.scale, self.zero = fit_grid(cur, keep, s.bits, self.mse_clip, coarse=self.coarse)
+            self.scales[col // s.group_size], self.zeros[col // s.group_size] = self.scale, self.zero
+        if self.has_salient and col % s.salient_group_size == 0:
+            cur = upcoming(s.salient_group_size)
+            means = _run_means(cur, self.valid[col:col + cur.shape[1]], s.run)
+            r0 = col // s.run
+            self.hscale, self.hzero = fit_grid(means, m.runs[:, r0:r0 + means.shape[1]], s.salient_bits,
+                                               self.mse_clip, coarse=self.coarse)
+            self.hscales[col // s.salient_group_size], self.hzeros[col // s.salient_group_size] = self.hscale, self.hzero
+
+
+class ErrorGrids(_Grids):
+    """assign="error": at each scale-group start both grids and the assignment are fitted jointly
+    (_assign_by_error); each 16-group is then assigned once more from its current values when the loop
+    reaches it."""
+
+    def at_column(self, col, upcoming, group):
+        s = self.spec
+        if col % s.group_size == 0:
+            cur = upcoming(s.group_size)
+            c1 = col + cur.shape[1]
+            self.scale, self.zero, self.hscale, self.hzero = _assign_by_error(
+                cur, self.masks.cols[:, col:c1], self.valid[col:c1], self.col_wgt[col:c1], s.run, s.bits,
+                s.salient_bits, self.mse_clip, self.coarse)
+            self.scales[col // s.group_size], self.zeros[col // s.group_size] = self.scale, self.zero
+            self.hscales[col // s.salient_group_size], self.hzeros[col // s.salient_group_size] = self.hscale, self.hzero
+        if col % GROUP == 0:
+            self._reassign(col, group())
+
+
+def solve(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
     spec: PackSpec,
@@ -189,6 +268,8 @@ def _solve(
     assign: str = "saliency",
     refit: bool = False,
     grids: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    clip_coarse: int = CLIP_COARSE,
+    threads: int = 1,
 ) -> SolverResult:
     """Quantize weight [N, K] into the packed format described by spec.
 
@@ -197,23 +278,38 @@ def _solve(
     the starting point of the joint grid/assignment fit with assign="error" (see the module docstring).
     grids: (scales, zeros, hscales, hzeros) in the packed shapes to use as they are instead of fitting them
     (a second pass over grids from a first one); assign="error" still re-assigns every group on them.
+    clip_coarse: the clipping search's stride (fit_grid). threads: torch intra-op threads while solving; the
+    column loop issues thousands of tiny ops, and OpenMP fork/join per op costs far more than the work (measured
+    35x slower with 2 threads on a busy 2-core machine), hence 1. Restored afterwards.
     """
     if assign not in ASSIGNS:
         raise ValueError(f"assign must be one of {ASSIGNS}, got {assign!r}")
     n, k = weight.shape
     if (spec.out_features, spec.in_features) != (n, k):
         raise ValueError(f"spec is {spec.out_features}x{spec.in_features}, weight is {n}x{k}")
+    if salient is not None and tuple(salient.shape) != (n, spec.n_groups):
+        raise ValueError(f"salient mask must be {(n, spec.n_groups)}, got {tuple(salient.shape)}")
+    if assign == "error" and spec.group_size != spec.salient_group_size:
+        raise ValueError("assign='error' needs group_size == salient_group_size "
+                         f"({spec.group_size} != {spec.salient_group_size})")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _solve(weight, hessian, spec, salient, percdamp, block_size, mse_clip, assign, refit, grids,
+                      clip_coarse)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _solve(weight, hessian, spec, salient, percdamp, block_size, mse_clip, assign, refit, grids, clip_coarse):
+    """solve's work: set up the padded weight and H^-1, run the GPTQ column loop (grids from a _Grids
+    strategy at group boundaries), refit, pack."""
+    n, k = weight.shape
     kp, b, h, run = spec.padded_in, spec.bits, spec.salient_bits, spec.run
-    gs, sgs = spec.group_size, spec.salient_group_size
     dev = weight.device
     if salient is None:
         salient = torch.zeros(n, spec.n_groups, dtype=torch.bool, device=dev)
-    if tuple(salient.shape) != (n, spec.n_groups):
-        raise ValueError(f"salient mask must be {(n, spec.n_groups)}, got {tuple(salient.shape)}")
     by_error = assign == "error"
-    if by_error and spec.group_size != spec.salient_group_size:
-        raise ValueError("assign='error' needs group_size == salient_group_size "
-                         f"({spec.group_size} != {spec.salient_group_size})")
     salient = salient.clone()
     has_salient = by_error or bool(salient.any())
 
@@ -231,8 +327,7 @@ def _solve(
         hinv_diag = hinv_diag_full[:k]
 
     valid = torch.arange(kp, device=dev) < k
-    sal_col = salient.repeat_interleave(GROUP, dim=1)  # [N, K_pad]
-    sal_run = salient.repeat_interleave(GROUP // run, dim=1)  # [N, K_pad / run]
+    masks = _Masks(salient, salient.repeat_interleave(GROUP, dim=1), salient.repeat_interleave(GROUP // run, dim=1))
     low_codes = torch.zeros(n, kp, dtype=torch.int64, device=dev)
     high_codes = torch.zeros(n, kp // run, dtype=torch.int64, device=dev)
     scales = torch.zeros(spec.n_scale_groups, n, device=dev)
@@ -240,19 +335,23 @@ def _solve(
     hscales = torch.full((spec.n_salient_scale_groups, n), 1.0, device=dev)
     hzeros = torch.zeros_like(hscales)
     q_all = torch.zeros(n, kp, device=dev)
-
-    # Work on W^T [K_pad, N] so that one input row (one GPTQ "column") is a contiguous vector.
-    wt = w.t().contiguous()
-    hinv_t = hinv.t().contiguous()
-    scale = zero = hscale = hzero = hdq = None
-    fixed = grids is not None
-    if fixed:
+    if grids is not None:
         for dst, src in zip((scales, zeros, hscales, hzeros), grids):
             if dst.shape != src.shape:
                 raise ValueError(f"grids: expected shapes {[tuple(t.shape) for t in (scales, zeros, hscales, hzeros)]}")
             dst.copy_(src.float())
     # Per-column weight of a rounding error in the layer-output loss: 1 / U_jj^2 (U = chol(H^-1), upper).
     col_wgt = torch.diagonal(hinv).square().reciprocal() * valid
+    common = (spec, masks, valid, col_wgt, (scales, zeros, hscales, hzeros), has_salient, mse_clip, clip_coarse)
+    if grids is not None:
+        g = FixedGrids(*common, reassign=by_error)
+    else:
+        g = ErrorGrids(*common) if by_error else SaliencyGrids(*common)
+
+    # The GPTQ column loop, on W^T [K_pad, N] so that one input row (one GPTQ "column") is a contiguous vector.
+    wt = w.t().contiguous()
+    hinv_t = hinv.t().contiguous()
+    hdq = None
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
         w1 = wt[i1:i2].clone()  # [B, N]
@@ -260,80 +359,49 @@ def _solve(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if fixed and col % gs == 0:
-                scale, zero = scales[col // gs], zeros[col // gs]
-            if fixed and has_salient and col % sgs == 0:
-                hscale, hzero = hscales[col // sgs], hzeros[col // sgs]
-            if by_error and not fixed and col % gs == 0:
-                cur = torch.cat([w1[i:], wt[i2:]], 0)[:gs].t()
-                c1 = col + cur.shape[1]
-                scale, zero, hscale, hzero = _assign_by_error(
-                    cur, sal_col[:, col:c1], valid[col:c1], col_wgt[col:c1], run, b, h, mse_clip)
-                scales[col // gs], zeros[col // gs] = scale, zero
-                hscales[col // sgs], hzeros[col // sgs] = hscale, hzero
-            if by_error and col % GROUP == 0:
-                # Re-assign this group from its current (compensated) values, on the grids fitted above.
-                c1 = col + GROUP
-                el, eh = _group_errors(w1[i:i + GROUP].t(), valid[col:c1], col_wgt[col:c1], scale, zero,
-                                       hscale, hzero, b, h, run)
-                pick = (eh < el)[:, 0]
-                salient[:, col // GROUP] = pick
-                sal_col[:, col:c1] = pick[:, None]
-                sal_run[:, col // run:c1 // run] = pick[:, None]
-            if not by_error and not fixed and col % gs == 0:
-                cur = torch.cat([w1[i:], wt[i2:]], 0)[:gs].t()
-                m = ~sal_col[:, col:col + gs] & valid[col:col + gs]
-                scale, zero = fit_grid(cur, m, b, mse_clip)
-                scales[col // gs], zeros[col // gs] = scale, zero
-            if has_salient and not by_error and not fixed and col % sgs == 0:
-                cur = torch.cat([w1[i:], wt[i2:]], 0)[:sgs].t()
-                means = _run_means(cur, valid[col:col + cur.shape[1]], run)
-                r0 = col // run
-                m = sal_run[:, r0:r0 + means.shape[1]]
-                hscale, hzero = fit_grid(means, m, h, mse_clip)
-                hscales[col // sgs], hzeros[col // sgs] = hscale, hzero
-            if has_salient and col % run == 0:
+            g.at_column(col, lambda m: torch.cat([w1[i:], wt[i2:]], 0)[:m].t(), lambda: w1[i:i + GROUP].t())
+            if has_salient and col % run == 0:  # the run's mean on the salient grid, used by its salient rows
                 mean = _run_means(w1[i:i + run].t(), valid[col:col + run], run)[:, 0]
-                hq = quantize_affine(mean, hscale, hzero, h)
-                hdq = dequantize_affine(hq, hscale, hzero)
-                high_codes[:, col // run] = torch.where(sal_run[:, col // run], hq, 0)
+                hq = quantize_affine(mean, g.hscale, g.hzero, h)
+                hdq = dequantize_affine(hq, g.hscale, g.hzero)
+                high_codes[:, col // run] = torch.where(masks.runs[:, col // run], hq, 0)
             x = w1[i]
-            lq = quantize_affine(x, scale, zero, b)
+            lq = quantize_affine(x, g.scale, g.zero, b)
             low_codes[:, col] = lq
-            q = dequantize_affine(lq, scale, zero)
+            q = dequantize_affine(lq, g.scale, g.zero)
             if has_salient:
-                q = torch.where(sal_col[:, col], hdq, q)
+                q = torch.where(masks.cols[:, col], hdq, q)
             q_all[:, col] = q
-            if hessian is not None:
+            if hessian is not None:  # spread this column's error over the later columns of the block
                 e = (x - q).div_(hinv1[i, i])
                 w1[i:].addr_(hinv1[i, i:], e, alpha=-1.0)
                 err1[i] = e
-        if hessian is not None and i2 < kp:
+        if hessian is not None and i2 < kp:  # ... and over the columns after it, in one product
             wt[i2:].addmm_(hinv_t[i2:, i1:i2], err1, alpha=-1.0)
 
-    low_codes = low_codes.masked_fill(sal_col, 0)
+    low_codes = low_codes.masked_fill(masks.cols, 0)
     if refit and hessian is not None:
-        scales, hscales, q_all = refit_scales(w, hp, spec, low_codes, high_codes, sal_col, scales, zeros, hscales,
-                                              hzeros, q_all)
-    packed = pack(spec, low_codes, high_codes, salient, scales, zeros, hscales, hzeros)
-    return SolverResult(packed=packed, weight=q_all[:, :k].contiguous(), hinv_diag=hinv_diag, salient=salient)
+        scales, hscales, q_all = refit_scales(w, hp, spec, low_codes, high_codes, masks.cols, scales, zeros,
+                                              hscales, hzeros, q_all)
+    packed = pack(spec, low_codes, high_codes, masks.groups, scales, zeros, hscales, hzeros)
+    return SolverResult(packed=packed, weight=q_all[:, :k].contiguous(), hinv_diag=hinv_diag, salient=masks.groups)
 
 
-def _assign_by_error(x, sal_col, valid, wgt, run, b, h, mse_clip):
+def _assign_by_error(x, sal_col, valid, wgt, run, b, h, mse_clip, coarse=CLIP_COARSE):
     """Jointly fit both grids of one scale group and the group-to-grid assignment (alternating rounds).
 
     x: [N, M] current values; sal_col: [N, M] bool, the starting assignment, updated in place. Returns the
     grids (scale, zero, hscale, hzero) fitted to the final assignment.
     """
     fw = wgt / wgt.max().clamp_min(1e-30)  # the clipping search weighs columns like the assignment does
-    grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw)
+    grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw, coarse)
     for _ in range(ASSIGN_ITERS):
         el, eh = _group_errors(x, valid, wgt, *grids, b, h, run)
         new = (eh < el).repeat_interleave(GROUP, dim=1)
         if torch.equal(new, sal_col):
             break
         sal_col.copy_(new)
-        grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw)
+        grids = _fit_grids(x, sal_col, valid, run, b, h, mse_clip, fw, coarse)
     return grids
 
 
