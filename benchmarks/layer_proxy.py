@@ -40,16 +40,14 @@ def layer_hessians(model_dir: str, nsamples: int, wanted: set[int]):
             st = LayerStages(layer, kw)
             if li in wanted:
                 accs = [HessianAccumulator(layer.get_submodule(g[0][0]).in_features, "cpu") for g in GROUPS]
-                for s in range(x.shape[0]):
-                    xs = x[s:s + 1]
-                    core = st.attn_core(xs)
-                    mid = st.mid(xs, core)
-                    for acc, inp in zip(accs, (st.attn_in(xs), core, st.mlp_in(mid), st.mlp_act(mid))):
+            for s in range(x.shape[0]):
+                *inputs, x[s:s + 1] = st.linear_inputs(x[s:s + 1])
+                if li in wanted:
+                    for acc, inp in zip(accs, inputs):
                         acc.add(inp)
+            if li in wanted:
                 for (names, _), acc in zip(GROUPS, accs):
                     yield li, names, torch.cat([layer.get_submodule(n).weight.detach().float() for n in names]), acc.h
-            for s in range(x.shape[0]):
-                x[s:s + 1] = st.out(*(lambda m: (m, st.mlp_act(m)))(st.mid(x[s:s + 1], st.attn_core(x[s:s + 1]))))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mamp.kernels.llama_block import LlamaBlock
 from mamp.kernels.packing import PackedWeight, PackSpec
 from mamp.quantizer.config import QuantSpec
 from mamp.quantizer.saliency import group_saliency, top_k_mask
@@ -117,14 +118,14 @@ class HessianAccumulator:
         self.h.addmm_(x.t(), x)
 
 
-class LayerStages:
-    """One decoder layer evaluated stage by stage; equals layer(x, **kwargs) (checked by `verify`)."""
+class LayerStages(LlamaBlock):
+    """One decoder layer evaluated stage by stage (mamp.kernels.llama_block) with the model's own attention:
+    attn_core runs the HF attention module up to o_proj's input, so calibration sees exactly the model's
+    numbers. Equals layer(x, **kwargs) (checked by `verify`)."""
 
     def __init__(self, layer: nn.Module, kwargs: dict) -> None:
-        self.layer, self.kwargs = layer, kwargs
-
-    def attn_in(self, x):
-        return self.layer.input_layernorm(x)
+        super().__init__(layer)
+        self.kwargs = kwargs
 
     def attn_core(self, x):
         """Input of o_proj: attention output before the output projection."""
@@ -132,26 +133,20 @@ class LayerStages:
                                   lambda: self.layer.self_attn(hidden_states=self.attn_in(x), **self.kwargs))
         return args[0] if args else kwargs["input"]
 
-    def mid(self, x, core):
-        return x + self.layer.self_attn.o_proj(core)
-
-    def mlp_in(self, mid):
-        return self.layer.post_attention_layernorm(mid)
-
-    def mlp_act(self, mid):
-        """Input of down_proj."""
-        args, kwargs = _run_until(self.layer.mlp.down_proj, lambda: self.layer.mlp(self.mlp_in(mid)))
-        return args[0] if args else kwargs["input"]
-
-    def out(self, mid, act):
-        return mid + self.layer.mlp.down_proj(act)
+    def linear_inputs(self, x):
+        """(q/k/v input, o_proj input, gate/up input, down_proj input, layer output) for x: the input of each
+        linear group (for its Hessian) and what the next layer receives."""
+        core = self.attn_core(x)
+        mid = self.mid(x, core)
+        mlp_in = self.mlp_in(mid)
+        act = self.mlp_act(mlp_in)
+        return self.attn_in(x), core, mlp_in, act, self.out(mid, act)
 
     @torch.no_grad()
     def verify(self, x) -> None:
         want = self.layer(x, **self.kwargs)
         want = want[0] if isinstance(want, tuple) else want
-        mid = self.mid(x, self.attn_core(x))
-        got = self.out(mid, self.mlp_act(mid))
+        got = self.linear_inputs(x)[-1]
         if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
             raise UnsupportedModel("decoder layer does not follow the Llama structure (norm -> attention -> "
                                    "residual -> norm -> gated MLP -> residual)")
@@ -279,18 +274,13 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
     if not spec.true_sequential:  # all Hessians from the unquantized layer, then quantize everything
         hs = [HessianAccumulator(lay.get_submodule(s[0]).in_features, dev) for s in STAGES]
         for s in range(n):
-            core = st.attn_core(x[s:s + 1])
-            mid = st.mid(x[s:s + 1], core)
-            hs[0].add(st.attn_in(x[s:s + 1]))
-            hs[1].add(core)
-            hs[2].add(st.mlp_in(mid))
-            hs[3].add(st.mlp_act(mid))
+            for acc, inp in zip(hs, st.linear_inputs(x[s:s + 1])):
+                acc.add(inp)
         for names, acc in zip(STAGES, hs):
             quantize(names, acc.h)
             acc.h = None
         for s in range(n):
-            mid = st.mid(x[s:s + 1], st.attn_core(x[s:s + 1]))
-            x[s:s + 1] = st.out(mid, st.mlp_act(mid))
+            x[s:s + 1] = st.linear_inputs(x[s:s + 1])[-1]
         return x
     quantize(ATTN, _hessians(lambda s: st.attn_in(x[s:s + 1]), n, d, dev))
     core = torch.empty_like(x[..., :lay.self_attn.o_proj.in_features])
@@ -311,7 +301,7 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
     act = torch.empty(*x.shape[:-1], ffn, device=dev, dtype=x.dtype)
     acc = HessianAccumulator(ffn, dev)
     for s in range(n):
-        act[s:s + 1] = st.mlp_act(mid[s:s + 1])
+        act[s:s + 1] = st.mlp_act(st.mlp_in(mid[s:s + 1]))
         acc.add(act[s:s + 1])
     quantize(DOWN, acc.h)
     del acc

@@ -1,4 +1,5 @@
-"""Runs a loaded HF Llama-family model (Llama, Mistral, Qwen2/3) with its own RoPE, attention and KV cache.
+"""Runs a loaded HF Llama-family model (Llama, Mistral, Qwen2/3) with its own RoPE, attention and KV cache; each
+layer through the stages of mamp.kernels.llama_block (the same decomposition calibration uses).
 
 Prefill is one request at a time (M = prompt length); decode is one forward over all running sequences
 (M = number of sequences), each at its own position, with a length mask. The decoder's linear layers may
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mamp.kernels.llama_block import LlamaBlock
 
 from .kv_cache import SlotKVCache
 
@@ -23,11 +26,6 @@ def _rope_inv_freq(model: nn.Module, head_dim: int) -> tuple[torch.Tensor, float
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -52,6 +50,7 @@ class BatchedLlama:
         self.device, self.dtype = param.device, _compute_dtype(model)
         inv_freq, self.rope_scale = _rope_inv_freq(model, self.head_dim)
         self.inv_freq = inv_freq.to(self.device)
+        self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim) for layer in self.layers]
         self.cache = SlotKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
                                  max_model_len, self.device, self.dtype)
 
@@ -62,19 +61,6 @@ class BatchedLlama:
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
         return cos, sin
-
-    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, KVH, T, D], RoPE applied."""
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(h)).float()
@@ -87,14 +73,13 @@ class BatchedLlama:
         ids = torch.tensor([token_ids], device=self.device)
         cos, sin = self._rope(torch.arange(t, device=self.device)[None])
         h = self.model.model.embed_tokens(ids)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
             self.cache.k[i][slot, :, :t] = k[0]
             self.cache.v[i][slot, :, :t] = v[0]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            mid = blk.mid(h, o.transpose(1, 2).reshape(1, t, -1))
+            h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))
         return self._logits(h[0] if all_logits else h[0, -1])
 
     @torch.inference_mode()
@@ -109,16 +94,15 @@ class BatchedLlama:
         mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
         cos, sin = self._rope(pos[:, None])
         h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
             k_cache[slot_idx, :, pos] = k[:, :, 0]
             v_cache[slot_idx, :, pos] = v[:, :, 0]
             keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            mid = blk.mid(h, o.transpose(1, 2).reshape(b, 1, -1))
+            h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))
         return self._logits(h[:, 0])
 
 
