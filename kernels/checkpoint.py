@@ -198,6 +198,75 @@ def save_checkpoint(out: str | Path, tensors: Mapping[str, torch.Tensor], config
 
 # Reading -------------------------------------------------------------------------------------------------------
 
+def verify_files(path: str | Path) -> None:
+    """Check every file the manifest lists against its size and sha256, and the manifest's format version.
+    CheckpointError naming the file on the first mismatch, on a missing file, or on a missing or unreadable
+    manifest (a checkpoint without one cannot be verified: load it with verify=False if it is trusted)."""
+    path = Path(path)
+    mpath = path / MANIFEST_NAME
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        version = int(manifest.get("format_version", -1))
+    except FileNotFoundError:
+        raise CheckpointError(f"{mpath}: missing, so the checkpoint cannot be verified (--no-verify skips the check)"
+                              ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable ({e})") from None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{mpath}: format version {version} is not {FORMAT_VERSION}")
+    if not isinstance(files, dict) or WEIGHTS_NAME not in files or "config.json" not in files:
+        raise CheckpointError(f"{mpath}: does not list {WEIGHTS_NAME} and config.json")
+    for name, meta in files.items():
+        f = path / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{mpath}: lists {name!r}, not a file of the folder")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        size = f.stat().st_size
+        if size != meta.get("size"):
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta.get('size')} (truncated or replaced)")
+        if _sha256(f) != meta.get("sha256"):
+            raise CheckpointError(f"{f}: sha256 differs from the manifest (the file was modified or corrupted)")
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:200]})") from None
+
+
+def load_plain_hf(path: str | Path, device="cpu", dtype=torch.float32):
+    """Load an ordinary (unquantized) HF causal-LM folder -> (model, tokenizer), refusing what would otherwise
+    be served with randomly initialised layers: packed mamp tensors without a quantization_config, or weights
+    the architecture needs but the files lack."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a model folder (no config.json)")
+    weights = path / WEIGHTS_NAME
+    if weights.is_file():
+        packed = [k for k in _safetensors_keys(weights) if k.endswith(".qweight")]
+        if packed:
+            raise CheckpointError(f"{path}: {WEIGHTS_NAME} holds packed mamp tensors ({packed[0]}, ...) but "
+                                  "config.json has no quantization_config: the checkpoint is damaged")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise CheckpointError(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:3])}"
+                              f"{' ...' if len(missing) > 3 else ''}")
+    return model.to(device).eval(), tokenizer
+
+
 def _sixteen_bit_tables(model: nn.Module, state: dict, dtype: torch.dtype) -> set[str]:
     """Keys of the embedding / lm_head weights to keep 16-bit: stored bf16/fp16 while the model computes fp32."""
     if dtype != torch.float32:
@@ -225,7 +294,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32):
+def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify: bool = True):
     """Load a mamp checkpoint folder -> (model, tokenizer or None).
 
     The model is the HF architecture from config.json, built without allocating its float weights, with every
@@ -234,6 +303,10 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32):
     that a 16-bit embedding table (and its lm_head, tied or not) loaded for fp32 compute stays 16-bit in
     kernels.half_linear's HalfEmbedding/HalfLinear, so memory matches the file; packed tensors keep their stored
     dtypes. The model is in eval mode on `device`.
+
+    verify: check every file against the manifest first (verify_files). Always: every packed tensor present with
+    the shape and dtype its PackSpec gives, no unexpected tensor, none missing. Any failure: CheckpointError
+    with one line naming the file or tensor.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -241,28 +314,48 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json")
-    q = read_quantization_config(path)
-    if q is None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(cfg.get("quantization_config"), dict) or cfg["quantization_config"].get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a mamp checkpoint (no quantization_config with quant_method "
                               f"{QUANT_METHOD!r})")
-    cfg = json.loads((path / "config.json").read_text())
+    if verify:  # before anything of the folder is trusted further
+        verify_files(path)
+    q = QuantizationConfig.from_dict(cfg["quantization_config"])
     cfg.pop("quantization_config")
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path / WEIGHTS_NAME}: unreadable ({str(e).splitlines()[0][:200]})") from None
     packed_keys = set()
     for name, spec in q.layers.items():
-        has_bias = f"{name}.bias" in state
-        _set_module(model, name, PackedLinear(spec, bias=has_bias, dtype=dtype, device="meta"))
+        for key, (shape, dt) in zip(packed_tensor_names(name), spec.shapes().values()):
+            t = state.get(key)
+            if t is None:
+                raise CheckpointError(f"{path / WEIGHTS_NAME}: packed tensor {key} is missing")
+            if tuple(t.shape) != shape or t.dtype != dt:
+                raise CheckpointError(f"{path / WEIGHTS_NAME}: {key} is {t.dtype} {tuple(t.shape)}, the config "
+                                      f"says {dt} {shape}")
+        try:
+            _set_module(model, name, PackedLinear(spec, bias=f"{name}.bias" in state, dtype=dtype, device="meta"))
+        except AttributeError:
+            raise CheckpointError(f"{path}: quantization_config names layer {name}, which the model lacks") from None
         packed_keys.update(packed_tensor_names(name))
     keep16 = _sixteen_bit_tables(model, state, dtype)
     for k, v in state.items():
         if k not in packed_keys and k not in keep16 and v.is_floating_point():
             state[k] = v.to(dtype)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape disagrees with config.json
+        raise CheckpointError(f"{path / WEIGHTS_NAME}: {' '.join(str(e).split())[:300]}") from None
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
     tied = bool(getattr(config, "tie_word_embeddings", False))

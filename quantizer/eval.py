@@ -32,20 +32,23 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device="cpu", progress:
     return math.exp(nll / count), count
 
 
-def load_any(path: str, device="cpu"):
-    """(model, tokenizer, description): a mamp checkpoint via load_checkpoint, else an HF checkpoint in fp32."""
-    from mamp.kernels.checkpoint import load_checkpoint, read_quantization_config
+def load_any(path: str, device="cpu", verify: bool = True):
+    """(model, tokenizer, description): a mamp checkpoint via load_checkpoint, else an HF checkpoint in fp32
+    (load_plain_hf: refused if weights are missing). Damaged checkpoints raise CheckpointError."""
+    from mamp.kernels.checkpoint import CheckpointError, load_checkpoint, load_plain_hf, read_quantization_config
 
-    q = read_quantization_config(path) if Path(path).is_dir() else None
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    q = read_quantization_config(path)
     if q is not None:
-        model, tok = load_checkpoint(path, device=device)
+        model, tok = load_checkpoint(path, device=device, verify=verify)
+        if tok is None:
+            raise CheckpointError(f"{path} has no tokenizer files; scoring text needs one")
         desc = (f"mamp checkpoint: method {q.method}, {q.bits}-bit, salient bits {q.salient_bits}, "
                 f"salient groups {100 * q.salient_group_fraction:.2f}%, {q.bits_per_weight:.4f} bits per weight")
         return model, tok, desc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path), "unquantized HF checkpoint (float32)"
+    model, tok = load_plain_hf(path, device, torch.float32)
+    return model, tok, "unquantized HF checkpoint (float32)"
 
 
 def tokenize_file(tokenizer, path: str | Path, max_tokens: int | None = None) -> torch.Tensor:
@@ -62,16 +65,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m mamp.quantizer.ev
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the checkpoint's files against its manifest (sizes, sha256)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         t0 = time.time()
-        model, tok, desc = load_any(args.checkpoint, args.device)
+        model, tok, desc = load_any(args.checkpoint, args.device, args.verify)
         tokens = tokenize_file(tok, args.text, args.max_tokens)
         ppl, count = perplexity(model, tokens, args.seqlen, args.device)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"model: {args.checkpoint}\nmethod: {desc}")
     print(f"text: {args.text}  tokens used: {count // (args.seqlen - 1) * args.seqlen}  context: {args.seqlen}  "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
 
@@ -25,6 +26,8 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the checkpoint's files against its manifest (sizes, sha256) at load")
     try:
         return ServerConfig(**vars(p.parse_args(argv)))
     except ValueError as exc:
@@ -34,7 +37,13 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
 def main(argv=None, prog: str = "python -m mamp.server") -> None:
     config = parse_args(argv, prog)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(build_runtime(config))
+    try:
+        runtime = build_runtime(config)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve
+        logging.getLogger(__name__).debug("start-up failed", exc_info=True)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(runtime)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
 
 

@@ -22,6 +22,7 @@ class ServerConfig:
     device: Device = "auto"
     dtype: DType = "auto"           # auto -> float32 on CPU, bfloat16 on CUDA
     log_level: str = "info"
+    verify: bool = True             # check the checkpoint's files against its manifest (sizes, sha256) at load
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mamp.kernels.checkpoint import load_checkpoint, read_quantization_config
+from mamp.kernels.checkpoint import CheckpointError, load_checkpoint, load_plain_hf, read_quantization_config
 from mamp.kernels.packed_linear import weight_memory
 
 logger = logging.getLogger(__name__)
@@ -47,23 +47,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_for_serving(path: str | Path, device: str = "auto", dtype: str = "auto"):
-    """Returns (model, tokenizer, ModelInfo); the model is in eval mode on `device`."""
+def load_for_serving(path: str | Path, device: str = "auto", dtype: str = "auto", verify: bool = True):
+    """Returns (model, tokenizer, ModelInfo); the model is in eval mode on `device`. A checkpoint that cannot be
+    served as it is (damaged, tampered, missing weights or tokenizer) raises CheckpointError (one line)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+        raise CheckpointError(f"{path} is not a model folder (no config.json)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     quantized = read_quantization_config(path) is not None  # quantization_config.quant_method == "mamp"
     if quantized:
-        model, tokenizer = load_checkpoint(path, device=dev, dtype=dt)
+        model, tokenizer = load_checkpoint(path, device=dev, dtype=dt, verify=verify)
         if tokenizer is None:
-            raise FileNotFoundError(f"{path} has no tokenizer files; the server needs one")
+            raise CheckpointError(f"{path} has no tokenizer files; the server needs one")
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model, tokenizer = load_plain_hf(path, dev, dt)
     model.eval()
     stored, bf16 = weight_memory(model)
     info = ModelInfo(

@@ -41,7 +41,7 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
 
 
 def build_runtime(config: ServerConfig) -> Runtime:
-    model, tokenizer, info = load_for_serving(config.model, config.device, config.dtype)
+    model, tokenizer, info = load_for_serving(config.model, config.device, config.dtype, verify=config.verify)
     max_len = config.max_model_len or info.max_position_embeddings
     if max_len > info.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's {info.max_position_embeddings} positions")
