@@ -16,6 +16,7 @@ looks complete.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import secrets
@@ -134,6 +135,16 @@ def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
 def check_output(out: str | Path, overwrite: bool) -> None:
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"output folder {out} exists (pass --overwrite to replace it)")
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the `OUT.tmp-XXXX` folders a killed writer left beside `out` (save_checkpoint writes there first);
+    returns them. `OUT.old-XXXX` (the previous checkpoint, kept while being replaced) is left alone."""
+    out = Path(out)
+    stale = sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.tmp-*") if p.is_dir())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def packed_tensor_names(module: str) -> list[str]:

@@ -73,13 +73,15 @@ def run(a) -> int:
     import torch
 
     from mamp.quantizer.calibration import calibration_windows, load_text
-    from mamp.kernels.checkpoint import check_output
+    from mamp.kernels.checkpoint import check_output, remove_stale_temporaries
     from mamp.quantizer.export import save_quantized
     from mamp.quantizer.pipeline import check_model, quantize_model
     from mamp.quantizer.report import format_summary, summarize
 
     spec = spec_from_args(a)
     check_output(a.out, a.overwrite)
+    for stale in remove_stale_temporaries(a.out):
+        print(f"removed {stale}: an unfinished write of an earlier run")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SpecError("--device cuda but no CUDA device is available")
     if spec.method != "rtn" and spec.calib != "c4":

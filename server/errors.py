@@ -22,7 +22,11 @@ class APIError(Exception):
                                              param=self.param, code=self.code))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        # Messages may quote client input: anything that is not valid Unicode (a lone surrogate) is escaped so
+        # that the error itself can always be encoded.
+        body = {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
+                for k, v in self.body().model_dump()["error"].items()}
+        return JSONResponse({"error": body}, status_code=self.status)
 
 
 def bad_request(message: str, param: Optional[str] = None) -> APIError:

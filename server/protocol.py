@@ -18,8 +18,40 @@ def now() -> int:
     return int(time.time())
 
 
+def _unencodable(value, path: str = "") -> str | None:
+    """The path of the first string (or key) in a parsed JSON value that is not valid Unicode text (a lone
+    UTF-16 surrogate such as "\\ud800", which JSON's escapes allow but no tokenizer or encoder accepts)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            bad = _unencodable(key, sub) or _unencodable(item, sub)
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            bad = _unencodable(item, f"{path}.{i}")
+            if bad:
+                return bad
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, suffix, ...) are ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        bad = _unencodable(data)
+        if bad is not None:
+            safe = bad.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ValueError(f"{safe}: contains a lone UTF-16 surrogate, which is not valid Unicode text")
+        return data
 
 
 class StreamOptions(BaseModel):

@@ -79,6 +79,7 @@ def _sample_filtered(logits: torch.Tensor, params: SamplingParams, generator: to
         sorted_logits, order = logits.sort(descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and always the most likely token (a top_p that rounds to 0 in fp32 would drop all)
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -39,6 +39,22 @@ def test_ok_then_exists(assets, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
+def test_stale_temporaries_of_a_killed_run_are_removed(assets, tmp_path, capsys):
+    """A writer killed mid-save leaves OUT.tmp-XXXX: the next run removes it and says so; OUT.old-* (a previous
+    checkpoint being replaced) stays."""
+    _, model, _ = assets
+    out = tmp_path / "q"
+    stale = tmp_path / "q.tmp-dead"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    keep = tmp_path / "q.old-beef"
+    keep.mkdir()
+    capsys.readouterr()
+    assert main([str(model), "--out", str(out), "--method", "rtn"]) == 0
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "q.old-beef"]
+
+
 def test_no_supported_linears(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -92,3 +92,31 @@ def test_api_key(start_server, tiny_llama_dir):
     out = server.client().completions.create(model="tiny", prompt="Once", max_tokens=2)
     assert out.usage.completion_tokens <= 2
     assert 'status_code="401"' in httpx.get(server.url + "/metrics").text
+
+
+SURROGATE_BODIES = [
+    (CMPL, '{"model": "tiny", "prompt": "Once \\ud800 upon"}', "prompt"),
+    (CMPL, '{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "prompt.1"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "Hi \\ud800"}]}', "messages.0.content"),
+    (CMPL, '{"model": "tiny\\ud800", "prompt": "Once"}', "model"),
+    (CMPL, '{"model": "tiny", "prompt": "Once", "logit_bias": {"\\ud800": 1}}', "logit_bias"),
+]
+
+
+@pytest.mark.parametrize("path,raw,field", SURROGATE_BODIES)
+def test_lone_surrogates_are_400_naming_the_field(tiny_server, path, raw, field):
+    """JSON escapes can spell a lone UTF-16 surrogate, which no tokenizer or encoder takes: a 400, never a 500."""
+    r = httpx.post(tiny_server.url + path, content=raw.encode(), headers={"content-type": "application/json"})
+    error = assert_error(r, 400)
+    assert error["message"].startswith(field) and "surrogate" in error["message"], error
+    ok = httpx.post(tiny_server.url + CMPL, json={"model": "tiny", "prompt": "Once", "max_tokens": 2})
+    assert ok.status_code == 200  # and the server carries on
+
+
+def test_top_p_that_rounds_to_zero_keeps_the_likeliest_token(tiny_server):
+    """top_p = 1e-46 passes > 0 in double but is 0 in float32: it must act as greedy, not empty the candidates."""
+    body = {"model": "tiny", "prompt": "Once upon", "max_tokens": 6, "seed": 1}
+    tiny = httpx.post(tiny_server.url + CMPL, json={**body, "temperature": 1.0, "top_p": 1e-46})
+    greedy = httpx.post(tiny_server.url + CMPL, json={**body, "temperature": 0})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
