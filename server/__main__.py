@@ -26,6 +26,8 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="request bodies larger than this get 413 before they are read (0: no limit)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking the checkpoint's files against its manifest (sizes, sha256) at load")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Awaitable, TypeVar
 
@@ -12,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError, unauthorized, validation_error
+from .errors import APIError, too_large, unauthorized, validation_error
 from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .runtime import Runtime
@@ -44,9 +45,54 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets an OpenAI-shaped 413 before the app sees it: at once
+    by its Content-Length, or, for a body without one (chunked), once the bytes received pass the limit (such a
+    body is buffered here, at most max_bytes, and replayed to the app)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.max_bytes <= 0:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await too_large(self.max_bytes).response()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(self.max_bytes).response()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     """`runtime` holds the loaded model, engine, services and metrics; the app starts and stops its engine."""
     config, metrics = runtime.config, runtime.metrics
+
+    # Templating and tokenizing a request (a long prompt takes seconds) runs on one worker thread, never on the
+    # event loop: /health and every stream keep going meanwhile. One thread: requests are prepared in order and
+    # the tokenizer is never entered twice at once.
+    prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mamp-prepare")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,8 +101,14 @@ def create_app(runtime: Runtime) -> FastAPI:
             yield
         finally:
             runtime.engine.shutdown()
+            prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mamp", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+
+    async def start_job(service, body):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(prepare_pool, service.start, body, loop)
 
     def fail(err: APIError) -> JSONResponse:
         metrics.record_failure(err.status)
@@ -106,14 +158,14 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        job = runtime.completions.start(body)
+        job = await start_job(runtime.completions, body)
         if body.stream:
             return StreamingResponse(runtime.completions.stream(job), media_type="text/event-stream")
         return await _unless_disconnected(request, runtime.completions.respond(job))
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        job = runtime.chat.start(body)
+        job = await start_job(runtime.chat, body)
         if body.stream:
             return StreamingResponse(runtime.chat.stream(job), media_type="text/event-stream")
         return await _unless_disconnected(request, runtime.chat.respond(job))

@@ -15,10 +15,13 @@ class RequestStream:
     disconnected) the engine frees the slots at its next step.
     """
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], params: list[SamplingParams]):
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
+                 loop: asyncio.AbstractEventLoop | None = None):
+        """loop: the event loop that will iterate the stream (default: the running one; give it when submitting
+        from a worker thread)."""
         self._engine = engine
         self._queue: asyncio.Queue[tuple[int, SeqOutput]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         sinks = [self._sink(loop, i) for i in range(len(prompts))]
         self._seq_ids = engine.submit(prompts, params, sinks)   # raises QueueFullError
         self._pending = len(prompts)

@@ -29,6 +29,10 @@ class APIError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"request body larger than {limit} bytes (the server's --max-request-bytes)")
+
+
 def bad_request(message: str, param: Optional[str] = None) -> APIError:
     return APIError(400, message, param, "invalid_value" if param else None)
 

@@ -40,8 +40,9 @@ class ChatService(ServingBase):
             return tok(text, add_special_tokens=False).input_ids
         return tok(fallback_prompt(req.messages)).input_ids
 
-    def start(self, req: ChatCompletionRequest) -> _Job:
-        """Validates and queues the n sequences (raises APIError: 400, 404, 429)."""
+    def start(self, req: ChatCompletionRequest, loop=None) -> _Job:
+        """Validates and queues the n sequences (raises APIError: 400, 404, 429). loop: the event loop that will
+        read the outputs, when called from a worker thread (the routes tokenize off the event loop)."""
         self.check_model(req.model)
         prompt = self._prompt_ids(req)
         limit = req.max_completion_tokens or req.max_tokens
@@ -52,7 +53,7 @@ class ChatService(ServingBase):
         self.check_length(prompt, limit, param)
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = [self.sampling_params(req, limit, k, j) for j in range(req.n)]
-        return _Job(self.submit([prompt] * req.n, params), req, prompt)
+        return _Job(self.submit([prompt] * req.n, params, loop), req, prompt)
 
     def _logprobs(self, token: Optional[SampledToken]) -> Optional[list[TokenLogprob]]:
         if token is None or token.logprob is None:

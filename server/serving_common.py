@@ -77,12 +77,12 @@ class ServingBase:
             logit_bias=tuple(bias), stop=req.stop_strings(), stop_token_ids=self.ctx.eos_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], loop=None) -> RequestStream:
         if len(prompts) > self.ctx.engine.capacity:  # would never fit, however long the client waits
             raise bad_request(f"the request needs {len(prompts)} sequences (prompts x n); this server holds at "
                               f"most {self.ctx.engine.capacity} at once", "n")
         try:
-            return RequestStream(self.ctx.engine, prompts, params)
+            return RequestStream(self.ctx.engine, prompts, params, loop)
         except QueueFullError as exc:
             raise queue_full(str(exc)) from None
 

@@ -86,8 +86,9 @@ class CompletionService(ServingBase):
             self.check_token_ids(p)
         return [list(p) for p in prompt], [self.ctx.tokenizer.decode(p) for p in prompt]
 
-    def start(self, req: CompletionRequest) -> _Job:
-        """Validates and queues every sequence (raises APIError: 400, 404, 429)."""
+    def start(self, req: CompletionRequest, loop=None) -> _Job:
+        """Validates and queues every sequence (raises APIError: 400, 404, 429). loop: the event loop that will
+        read the outputs, when called from a worker thread (the routes tokenize off the event loop)."""
         self.check_model(req.model)
         prompts, texts = self._tokenize(req.prompt)
         limits = [req.max_tokens or self.ctx.max_model_len - len(p) for p in prompts]  # null: up to the context
@@ -97,7 +98,7 @@ class CompletionService(ServingBase):
         params = [self.sampling_params(req, limit, req.logprobs, j, prompt_lp)
                   for limit in limits for j in range(req.n)]
         seq_prompts = [p for p in prompts for _ in range(req.n)]
-        return _Job(self.submit(seq_prompts, params), req, prompts, texts, counts=[0] * len(seq_prompts),
+        return _Job(self.submit(seq_prompts, params, loop), req, prompts, texts, counts=[0] * len(seq_prompts),
                     logprobs=[_LogprobsBuilder(self.token_strings) for _ in seq_prompts])
 
     async def respond(self, job: _Job) -> CompletionResponse:

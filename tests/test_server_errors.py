@@ -120,3 +120,43 @@ def test_top_p_that_rounds_to_zero_keeps_the_likeliest_token(tiny_server):
     greedy = httpx.post(tiny_server.url + CMPL, json={**body, "temperature": 0})
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_oversized_body_is_413_before_it_is_read(tiny_server):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}'
+    r = httpx.post(tiny_server.url + CMPL, content=big, headers={"content-type": "application/json"}, timeout=60)
+    assert_error(r, 413)
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(6):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+    r = httpx.post(tiny_server.url + CMPL, content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert_error(r, 413)
+    assert httpx.post(tiny_server.url + CMPL, json={"model": "tiny", "prompt": "Once", "max_tokens": 2}).status_code == 200
+
+
+def test_tokenizing_a_long_prompt_does_not_stall_health(tiny_server):
+    """A 3 MB prompt is tokenized off the event loop: /health answers meanwhile; the prompt gets its 400."""
+    import threading
+    import time
+
+    result = {}
+
+    def post():
+        result["r"] = httpx.post(tiny_server.url + CMPL, json={"model": "tiny", "prompt": "Once upon a time " * 180_000},
+                                 timeout=120)
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    latencies = []
+    while worker.is_alive():
+        t0 = time.perf_counter()
+        assert httpx.get(tiny_server.url + "/health", timeout=30).status_code == 200
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    worker.join()
+    assert_error(result["r"], 400, "prompt")
+    assert max(latencies) < 1.0, latencies  # on the event loop, tokenizing took 1.6 s and /health waited for it
+    assert len(latencies) >= 3, "the request finished too fast to tell"
