@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Awaitable, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,6 +43,24 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
         raise _ClientGone()
     return task.result()
+
+
+class ApiKeyCheck:
+    """ASGI middleware: /v1/* requires `Authorization: Bearer KEY` (/health and /metrics stay open). Checked
+    before the body is read or parsed, so a client without the key learns nothing but 401."""
+
+    def __init__(self, app, api_key: str, on_refused=None) -> None:
+        self.app, self.key, self.on_refused = app, api_key.encode(), on_refused
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope.get("path") == "/v1" or scope.get("path", "").startswith("/v1/")):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, key = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.key):
+                if self.on_refused:
+                    self.on_refused()
+                return await unauthorized().response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -105,6 +123,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="mamp", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    if config.api_key:  # added last: runs first, so a request without the key is refused before anything else
+        app.add_middleware(ApiKeyCheck, api_key=config.api_key, on_refused=lambda: metrics.record_failure(401))
 
     async def start_job(service, body):
         loop = asyncio.get_running_loop()
@@ -135,13 +155,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         logger.exception("unhandled error on %s", request.url.path)
         return fail(APIError(500, "internal server error"))
 
-    async def require_api_key(request: Request) -> None:
-        if config.api_key:
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
-                raise unauthorized()
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])  # /health and /metrics stay open
+    v1 = APIRouter(prefix="/v1")  # the API key is checked by ApiKeyCheck, before the body is read
 
     @app.get("/health")
     async def health():

@@ -12,9 +12,11 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> ErrorResponse:
         default = "invalid_request_error" if self.status < 500 else "server_error"
@@ -26,7 +28,7 @@ class APIError(Exception):
         # that the error itself can always be encoded.
         body = {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str) else v
                 for k, v in self.body().model_dump()["error"].items()}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
 def too_large(limit: int) -> APIError:
@@ -47,7 +49,7 @@ def unauthorized() -> APIError:
 
 
 def queue_full(message: str) -> APIError:
-    return APIError(429, message, None, "queue_full")
+    return APIError(429, message, None, "queue_full", headers={"Retry-After": "1"})
 
 
 def _field_path(loc) -> str:
@@ -70,7 +72,15 @@ def validation_error(errors: list[dict]) -> APIError:
     if first.get("type") == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
     param = _field_path(first.get("loc", ()))
-    messages = [e.get("msg", "invalid value").removeprefix("Value error, ") for e in errors
-                if _field_path(e.get("loc", ())) == param]
+    messages = [_message(e) for e in errors if _field_path(e.get("loc", ())) == param]
     message = "; or ".join(dict.fromkeys(messages))  # a union field reports one message per accepted type
-    return bad_request(f"{param}: {message}" if param else message, param or None)
+    if not param:  # a whole-request check names its field itself: "suffix: ..."
+        head = message.split(":", 1)[0]
+        return bad_request(message, head if head.isidentifier() else None)
+    return bad_request(f"{param}: {message}", param)
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "extra_forbidden":
+        return "not supported by this server"
+    return error.get("msg", "invalid value").removeprefix("Value error, ")

@@ -5,6 +5,8 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
+from typing import Annotated, Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 MAX_LOGPROBS = 20
@@ -42,7 +44,9 @@ def _unencodable(value, path: str = "") -> str | None:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, suffix, ...) are ignored
+    # Every field either works or is refused: an unknown one is a 400 ("not supported by this server"), never
+    # accepted and ignored. Integers are strict (no booleans or strings in integer fields).
+    model_config = ConfigDict(extra="forbid", strict=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -62,17 +66,18 @@ class _SamplingFields(_Request):
     """Fields shared by both endpoints."""
     model: Optional[str] = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
-    n: int = Field(1, ge=1, le=128)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]]] = None
+    n: int = Field(1, ge=1, le=128, strict=True)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, strict=True)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: Optional[str] = None  # an end-user id for the caller's own records; it changes no output
     # Extensions shared with vLLM.
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, strict=True)
     ignore_eos: bool = False
 
     @model_validator(mode="after")
@@ -88,10 +93,20 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[Annotated[int, Field(strict=True)]], list[list[Annotated[int, Field(strict=True)]]]]
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Optional[int] = Field(16, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    max_tokens: Optional[int] = Field(16, ge=1, strict=True)
+    suffix: Optional[str] = None  # insertion is not supported: only None or ""
+    best_of: Optional[int] = Field(None, strict=True)  # only None or 1 (no server-side best-of sampling)
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        if self.suffix:
+            raise ValueError("suffix: insertion (a suffix after the completion) is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: only 1 is supported by this server (ask for n completions instead)")
+        return self
 
 
 class TextPart(BaseModel):
@@ -100,9 +115,18 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _known_role(self):
+        if self.role == "tool":
+            raise ValueError("role 'tool': tool calling is not supported by this server, so tool results cannot "
+                             "be given back")
+        if self.role not in ("system", "developer", "user", "assistant"):
+            raise ValueError(f"role must be 'system', 'developer', 'user' or 'assistant', not {self.role!r}")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -115,14 +139,31 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Optional[int] = Field(None, ge=1)            # deprecated by OpenAI, still sent by clients
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    max_tokens: Optional[int] = Field(None, ge=1, strict=True)            # deprecated by OpenAI, still sent
+    max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    # Accepted only in the forms that ask for nothing this server cannot do (plain text, no tools).
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {\"type\": \"text\"} is supported by this server (structured "
+                             "outputs, json_object and json_schema, are not)")
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice: tool calling is not supported by this server (only 'none' or 'auto' "
+                             "without tools)")
         return self
 
 

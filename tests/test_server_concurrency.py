@@ -94,6 +94,7 @@ def test_full_queue_answers_429(start_server, tiny_llama_dir):
     with pytest.raises(openai.RateLimitError) as info:
         client.completions.create(model="tiny", prompt="Once", max_tokens=2)
     assert info.value.status_code == 429 and info.value.body["type"] == "rate_limit_error"
+    assert info.value.response.headers["retry-after"] == "1"
     running.close()
     first = next(iter(waiting))  # the waiting request moves into the freed slot
     assert first.choices[0].text is not None

@@ -28,6 +28,24 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, None),
+    # Nothing is accepted and ignored: unsupported fields and values are refused, naming the field.
+    (CMPL, {"prompt": "Once", "frobnicate": 1}, "frobnicate"),
+    (CMPL, {"prompt": "Once", "suffix": "The end."}, "suffix"),
+    (CMPL, {"prompt": "Once", "best_of": 3}, "best_of"),
+    (CMPL, {"prompt": "Once", "temperature": 2.5}, "temperature"),
+    (CMPL, {"prompt": "Once", "logit_bias": {"5": 150}}, "logit_bias"),
+    (CMPL, {"prompt": "Once", "logprobs": False}, "logprobs"),
+    (CMPL, {"prompt": "Once", "n": True}, "n"),
+    (CMPL, {"prompt": "Once", "max_tokens": "3"}, "max_tokens"),
+    (CMPL, {"prompt": [1, True]}, "prompt"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    (CHAT, {"messages": USER + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": "Hi", "tool_calls": []}]}, "messages"),
+    (CHAT, {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
 ]
 
 
@@ -85,6 +103,8 @@ def test_api_key(start_server, tiny_llama_dir):
     invalid_body = httpx.post(server.url + CMPL, json={"model": "tiny", "prompt": "x", "n": 0},
                               headers={"Authorization": "Bearer wrong"})
     assert_error(invalid_body, 401)  # the key is checked before the body
+    malformed = httpx.post(server.url + CMPL, content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert_error(malformed, 401)  # ... even before it is parsed
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").completions.create(model="tiny", prompt="Once", max_tokens=2)
     assert httpx.get(server.url + "/health").status_code == 200
@@ -160,3 +180,19 @@ def test_tokenizing_a_long_prompt_does_not_stall_health(tiny_server):
     assert_error(result["r"], 400, "prompt")
     assert max(latencies) < 1.0, latencies  # on the event loop, tokenizing took 1.6 s and /health waited for it
     assert len(latencies) >= 3, "the request finished too fast to tell"
+
+
+@pytest.mark.parametrize("path,body", [
+    (CHAT, {"messages": USER, "response_format": {"type": "text"}, "tool_choice": "none", "user": "u-1"}),
+    (CHAT, {"messages": USER, "tools": [], "tool_choice": "auto", "parallel_tool_calls": False}),
+    (CMPL, {"prompt": "Once", "suffix": "", "best_of": 1, "user": "u-1"}),
+])
+def test_the_harmless_forms_of_those_fields_work(tiny_server, path, body):
+    r = httpx.post(tiny_server.url + path, json={"model": "tiny", "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
+
+
+def test_nan_logit_bias_is_400(tiny_server):
+    raw = b'{"model": "tiny", "prompt": "Once", "logit_bias": {"5": NaN}}'
+    r = httpx.post(tiny_server.url + CMPL, content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, "logit_bias")
