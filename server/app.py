@@ -10,12 +10,14 @@ from typing import Awaitable, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, too_large, unauthorized, validation_error
 from .metrics import CONTENT_TYPE
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ErrorResponse, ModelCard, ModelList)
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -157,27 +159,29 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1")  # the API key is checked by ApiKeyCheck, before the body is read
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": {"application/json": {"schema": {
+        "type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}}}}})
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics_endpoint():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @v1.get("/models")
+    @v1.get("/models", responses=_errors(401))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=runtime.model_name, root=runtime.info.path,
                                          max_model_len=runtime.max_model_len)])
 
-    @v1.post("/completions")
+    @v1.post("/completions", response_model=None, responses=_generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request):
         job = await start_job(runtime.completions, body)
         if body.stream:
             return StreamingResponse(runtime.completions.stream(job), media_type="text/event-stream")
         return await _unless_disconnected(request, runtime.completions.respond(job))
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse))
     async def chat(body: ChatCompletionRequest, request: Request):
         job = await start_job(runtime.chat, body)
         if body.stream:
@@ -185,4 +189,38 @@ def create_app(runtime: Runtime) -> FastAPI:
         return await _unless_disconnected(request, runtime.chat.respond(job))
 
     app.include_router(v1)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+_ERROR_DESCRIPTIONS = {400: "invalid request (any validation failure; never 422)", 401: "missing or wrong API key",
+                       404: "unknown model", 413: "request body too large", 429: "queue full (Retry-After)",
+                       500: "generation failed"}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def _generation_responses(model) -> dict:
+    """200: the JSON response, or with "stream": true server-sent events (text/event-stream); the errors."""
+    return {200: {"model": model, "description": "the completion, or its stream of events when stream is true",
+                  "content": {"text/event-stream": {"schema": {  # one server-sent event: data is a JSON chunk,
+                      "type": "object", "properties": {  # or [DONE] at the end
+                          "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+                      "required": ["data"]}}}},
+            **_errors(400, 401, 404, 413, 429, 500)}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, corrected to what the server does: validation errors are 400 (OpenAI's code), not
+    FastAPI's 422, in the OpenAI error shape."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema

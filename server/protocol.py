@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_LOGPROBS = 20
 
@@ -115,18 +115,16 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(_Request):
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
 
-    @model_validator(mode="after")
-    def _known_role(self):
-        if self.role == "tool":
-            raise ValueError("role 'tool': tool calling is not supported by this server, so tool results cannot "
-                             "be given back")
-        if self.role not in ("system", "developer", "user", "assistant"):
-            raise ValueError(f"role must be 'system', 'developer', 'user' or 'assistant', not {self.role!r}")
-        return self
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tool_role(cls, role):
+        if role == "tool":
+            raise ValueError("tool calling is not supported by this server, so tool results cannot be given back")
+        return role
 
     def text(self) -> str:
         if self.content is None:
