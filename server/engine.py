@@ -152,6 +152,9 @@ class Engine:
             want_prompt = seq.params.prompt_logprobs is not None
             logits = self.runner.prefill(seq.slot, seq.prompt_ids, all_logits=want_prompt)
             prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
+            if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                self._finish(seq, "length", SeqOutput(None, "", "length", prompt_lps))
+                return
             self._advance(seq, logits[-1] if want_prompt else logits, prompt_lps)
         except Exception as exc:  # a bad request must not take the engine down
             logger.exception("prefill failed for sequence %d", seq.seq_id)

@@ -96,7 +96,7 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[Annotated[int, Field(strict=True)]], list[list[Annotated[int, Field(strict=True)]]]]
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
-    max_tokens: Optional[int] = Field(16, ge=1, strict=True)
+    max_tokens: Optional[int] = Field(16, ge=0, strict=True)  # 0 only with echo: score the prompt, generate nothing
     suffix: Optional[str] = None  # insertion is not supported: only None or ""
     best_of: Optional[int] = Field(None, strict=True)  # only None or 1 (no server-side best-of sampling)
 
@@ -106,6 +106,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix: insertion (a suffix after the completion) is not supported by this server")
         if self.best_of not in (None, 1):
             raise ValueError("best_of: only 1 is supported by this server (ask for n completions instead)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing, so it needs echo (to score the prompt); else >= 1")
         return self
 
 

@@ -48,9 +48,9 @@ class ChatService(ServingBase):
         limit = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if limit is None:
-            self.check_length(prompt, 1, "messages")
+            self.check_length(prompt, 1, "messages", "messages")
             limit = self.ctx.max_model_len - len(prompt)
-        self.check_length(prompt, limit, param)
+        self.check_length(prompt, limit, param, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = [self.sampling_params(req, limit, k, j) for j in range(req.n)]
         return _Job(self.submit([prompt] * req.n, params, loop), req, prompt)

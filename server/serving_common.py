@@ -41,13 +41,15 @@ class ServingBase:
         if name is not None and name != self.ctx.model_name:
             raise model_not_found(name)
 
-    def check_length(self, prompt: list[int], max_tokens: int, param: str) -> None:
+    def check_length(self, prompt: list[int], max_tokens: int, param: str, prompt_param: str) -> None:
+        """A prompt that fits with max_tokens more; errors name `param` (the length field) or `prompt_param`
+        (the field the prompt came from: prompt, or messages in chat, as OpenAI names them)."""
         limit = self.ctx.max_model_len
         if not prompt:
-            raise bad_request("the prompt is empty", "prompt")
-        if len(prompt) >= limit:
+            raise bad_request("the prompt is empty", prompt_param)
+        if len(prompt) >= limit + (max_tokens == 0):  # scoring alone (max_tokens 0) may fill the context
             raise bad_request(f"This model's maximum context length is {limit} tokens. However, the prompt "
-                              f"has {len(prompt)} tokens, which leaves no room for a completion.", "prompt")
+                              f"has {len(prompt)} tokens, which leaves no room for a completion.", prompt_param)
         if len(prompt) + max_tokens > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -91,9 +91,10 @@ class CompletionService(ServingBase):
         read the outputs, when called from a worker thread (the routes tokenize off the event loop)."""
         self.check_model(req.model)
         prompts, texts = self._tokenize(req.prompt)
-        limits = [req.max_tokens or self.ctx.max_model_len - len(p) for p in prompts]  # null: up to the context
+        limits = [self.ctx.max_model_len - len(p) if req.max_tokens is None else req.max_tokens
+                  for p in prompts]  # null: up to the context
         for p, limit in zip(prompts, limits):
-            self.check_length(p, limit, "max_tokens")
+            self.check_length(p, limit, "max_tokens", "prompt")
         prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         params = [self.sampling_params(req, limit, req.logprobs, j, prompt_lp)
                   for limit in limits for j in range(req.n)]

@@ -74,7 +74,7 @@ def test_context_overflow_names_both_numbers(tiny_server):
                                     json={"model": "tiny", "prompt": [1, 403, 407], "max_tokens": 2046}), 400)
     assert "2048" in error["message"] and "2046" in error["message"] and "3 in the prompt" in error["message"]
     long_chat = [{"role": "user", "content": "Once upon a time " * 600}]
-    assert_error(httpx.post(tiny_server.url + CHAT, json={"model": "tiny", "messages": long_chat}), 400, "prompt")
+    assert_error(httpx.post(tiny_server.url + CHAT, json={"model": "tiny", "messages": long_chat}), 400, "messages")
     with pytest.raises(openai.BadRequestError):
         tiny_server.client().completions.create(model="tiny", prompt=[1, 403], max_tokens=5000)
 
@@ -196,3 +196,21 @@ def test_nan_logit_bias_is_400(tiny_server):
     raw = b'{"model": "tiny", "prompt": "Once", "logit_bias": {"5": NaN}}'
     r = httpx.post(tiny_server.url + CMPL, content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, "logit_bias")
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(tiny_server):
+    """OpenAI's prompt scoring: echo, logprobs, max_tokens 0 -> the prompt's logprobs and no new token."""
+    r = httpx.post(tiny_server.url + CMPL, json={"model": "tiny", "prompt": "Once upon a time", "echo": True,
+                                                "logprobs": 2, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    choice = out["choices"][0]
+    assert choice["text"] == "Once upon a time" and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    assert len(lp["tokens"]) == out["usage"]["prompt_tokens"] and out["usage"]["completion_tokens"] == 0
+    # The same numbers as the prompt part of an ordinary echo request.
+    full = httpx.post(tiny_server.url + CMPL, json={"model": "tiny", "prompt": "Once upon a time", "echo": True,
+                                                   "logprobs": 2, "max_tokens": 1, "temperature": 0}).json()
+    n = len(lp["tokens"])
+    assert full["choices"][0]["logprobs"]["token_logprobs"][:n] == lp["token_logprobs"]
