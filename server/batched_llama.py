@@ -89,6 +89,9 @@ class BatchedLlama:
         b = len(slots)
         self.cache.ensure_capacity(max(positions) + 1)
         slot_idx = torch.tensor(slots, device=self.device)
+        # Slots s0 .. s0 + b - 1 in order (the engine keeps its batch dense and sorted): the cache is read in
+        # place, as a view; otherwise each step gathers every sequence's keys and values (a copy).
+        dense = slots == list(range(slots[0], slots[0] + b))
         pos = torch.tensor(positions, device=self.device)
         length = int(pos.max()) + 1
         mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
@@ -99,7 +102,10 @@ class BatchedLlama:
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
             k_cache[slot_idx, :, pos] = k[:, :, 0]
             v_cache[slot_idx, :, pos] = v[:, :, 0]
-            keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
+            if dense:
+                keys, values = k_cache[slots[0]:slots[0] + b, :, :length], v_cache[slots[0]:slots[0] + b, :, :length]
+            else:
+                keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             mid = blk.mid(h, o.transpose(1, 2).reshape(b, 1, -1))
             h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))

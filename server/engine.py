@@ -3,6 +3,7 @@ steps, decodes all running sequences in one forward, and hands each token to a p
 It knows token ids, text and timings; nothing of HTTP."""
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
@@ -66,7 +67,9 @@ class Engine:
         self._aborts: set[int] = set()
         self._running: dict[int, _Sequence] = {}
         self.capacity = max_num_seqs + max_queue  # sequences the engine can hold at once
-        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._free_slots = list(range(max_num_seqs))  # a min-heap: the lowest free slot first, so that the
+        # running batch stays dense (slots 0 .. n-1 when nothing has left early) and the runner reads the KV
+        # cache in place rather than gathering it
         self._ids = itertools.count()
         self._live_tokens = 0
         self._stopping = False
@@ -132,7 +135,7 @@ class Engine:
             admitted = []
             while self._waiting and self._free_slots:
                 seq = self._waiting.popleft()
-                seq.slot = self._free_slots.pop()
+                seq.slot = heapq.heappop(self._free_slots)
                 admitted.append(seq)
         aborted += [s for s in self._running.values() if s.seq_id in aborts]
         for seq in aborted:
@@ -161,7 +164,7 @@ class Engine:
             self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
 
     def _decode(self) -> None:
-        seqs = list(self._running.values())
+        seqs = sorted(self._running.values(), key=lambda s: s.slot)  # slot order: see BatchedLlama.decode
         try:
             logits = self.runner.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
                                         [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs])
@@ -208,7 +211,7 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: str, out: SeqOutput) -> None:
         if self._running.get(seq.slot) is seq:
             del self._running[seq.slot]
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             self._live_tokens -= len(seq.prompt_ids) + len(seq.output_ids)
         self._send(seq, out)
         now = time.monotonic()
