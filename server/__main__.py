@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+import torch
 import uvicorn
 
 from .app import create_app
@@ -26,6 +27,8 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads for the model (default: all cores; at batch 1 one thread is as fast on 2 cores)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies larger than this get 413 before they are read (0: no limit)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -39,6 +42,8 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
 def main(argv=None, prog: str = "python -m mamp.server") -> None:
     config = parse_args(argv, prog)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
         runtime = build_runtime(config)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve

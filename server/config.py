@@ -24,12 +24,15 @@ class ServerConfig:
     log_level: str = "info"
     verify: bool = True             # check the checkpoint's files against its manifest (sizes, sha256) at load
     max_request_bytes: int = 4 << 20  # larger request bodies get 413 before they are read; 0: no limit
+    threads: Optional[int] = None   # torch CPU threads; None: torch's default (all cores)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_request_bytes < 0:
             raise ValueError(f"max_request_bytes must be >= 0, got {self.max_request_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -47,3 +47,15 @@ def test_no_top_level_kernels_package_of_ours(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     origin = r.stdout.strip()
     assert origin == "none" or not origin.startswith(str(REPO)), origin
+
+
+def test_serve_flags_reach_the_config():
+    from mamp.server.__main__ import parse_args
+
+    config = parse_args(["--model", "m", "--threads", "1", "--max-request-bytes", "1000", "--no-verify"])
+    assert (config.threads, config.max_request_bytes, config.verify) == (1, 1000, False)
+    assert parse_args(["--model", "m"]).threads is None
+    for bad in (["--threads", "0"], ["--max-request-bytes", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--model", "m", *bad])
+        assert info.value.code == 2
