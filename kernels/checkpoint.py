@@ -230,6 +230,8 @@ def verify_files(path: str | Path) -> None:
         raise CheckpointError(f"{mpath}: does not list {WEIGHTS_NAME} and config.json")
     for name, meta in files.items():
         f = path / name
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{mpath}: the entry for {name!r} is not an object with size and sha256")
         if Path(name).name != name:
             raise CheckpointError(f"{mpath}: lists {name!r}, not a file of the folder")
         if not f.is_file():
@@ -336,9 +338,12 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
         verify_files(path)
     q = QuantizationConfig.from_dict(cfg["quantization_config"])
     cfg.pop("quantization_config")
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (KeyError, ValueError, TypeError) as e:  # no or unknown model_type, bad fields
+        raise CheckpointError(f"{path / 'config.json'}: not a model config transformers can build ({e})") from None
 
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
@@ -355,9 +360,14 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
                 raise CheckpointError(f"{path / WEIGHTS_NAME}: {key} is {t.dtype} {tuple(t.shape)}, the config "
                                       f"says {dt} {shape}")
         try:
-            _set_module(model, name, PackedLinear(spec, bias=f"{name}.bias" in state, dtype=dtype, device="meta"))
+            target = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{path}: quantization_config names layer {name}, which the model lacks") from None
+        shape = (getattr(target, "in_features", None), getattr(target, "out_features", None))
+        if shape != (spec.in_features, spec.out_features):
+            raise CheckpointError(f"{path}: layer {name} is {shape[1]}x{shape[0]} in the model, "
+                                  f"{spec.out_features}x{spec.in_features} in quantization_config")
+        _set_module(model, name, PackedLinear(spec, bias=f"{name}.bias" in state, dtype=dtype, device="meta"))
         packed_keys.update(packed_tensor_names(name))
     keep16 = _sixteen_bit_tables(model, state, dtype)
     for k, v in state.items():
@@ -383,5 +393,11 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
     if left:
         raise CheckpointError(f"{path}: tensors missing from {WEIGHTS_NAME}: {left[:5]}")
     model.to(device).eval()  # PackedLinear._apply: align buffers, choose each layer's kernel
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the tokenizer files cannot be loaded ({str(e).splitlines()[0][:200]})"
+                                  ) from None
     return model, tokenizer

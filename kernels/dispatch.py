@@ -100,7 +100,8 @@ def can_implement(spec: PackSpec, device: torch.device | str) -> tuple[bool, str
         if ok:
             return True, reason
         reasons.append(reason)
-    return False, f"no packed kernel for {device.type}: " + "; ".join(reasons) + "; using the reference"
+    fallback = "the torch CPU path" if device.type == "cpu" else "the reference"
+    return False, f"no fast packed kernel for {device.type}: " + "; ".join(reasons) + f"; using {fallback}"
 
 
 @functools.lru_cache(maxsize=256)

@@ -78,7 +78,9 @@ class PackedLinear(nn.Module):
         bufs = self._buffers
         if view is None or any(getattr(view, name) is not bufs[name] for name in TENSOR_NAMES):
             self.process_after_loading()  # buffers replaced without .to() (e.g. load_state_dict(assign=True))
-            view = self.__dict__["_view"]
+            view = self.__dict__.get("_view")
+            if view is None:
+                raise RuntimeError("PackedLinear has no data yet (its buffers are on the meta device)")
         return self.__dict__["_kernel"].fn(x, view, self.bias)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError, too_large, unauthorized, validation_error
+from .errors import APIError, queue_full, too_large, unauthorized, validation_error
 from .metrics import CONTENT_TYPE
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList)
@@ -55,7 +55,10 @@ class ApiKeyCheck:
         self.app, self.key, self.on_refused = app, api_key.encode(), on_refused
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (scope.get("path") == "/v1" or scope.get("path", "").startswith("/v1/")):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # route on the path below a --root-path, as Starlette does
+            path = path[len(root):]
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, key = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.key):
@@ -70,8 +73,13 @@ class BodyLimit:
     by its Content-Length, or, for a body without one (chunked), once the bytes received pass the limit (such a
     body is buffered here, at most max_bytes, and replayed to the app)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_refused=None) -> None:
+        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
+
+    async def _refuse(self, scope, receive, send):
+        if self.on_refused:
+            self.on_refused()
+        await too_large(self.max_bytes).response()(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.max_bytes <= 0:
@@ -79,7 +87,7 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_bytes:
-                return await too_large(self.max_bytes).response()(scope, receive, send)
+                return await self._refuse(scope, receive, send)
             return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -89,7 +97,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await too_large(self.max_bytes).response()(scope, receive, send)
+                return await self._refuse(scope, receive, send)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
@@ -111,26 +119,36 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     # Templating and tokenizing a request (a long prompt takes seconds) runs on one worker thread, never on the
     # event loop: /health and every stream keep going meanwhile. One thread: requests are prepared in order and
-    # the tokenizer is never entered twice at once.
+    # never encode concurrently with each other (the engine thread still decodes meanwhile, as before). Requests
+    # waiting for it count against the queue limit, so a flood gets 429s rather than piling up in memory.
     prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mamp-prepare")
+    preparing = 0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime.engine.start()
         try:
             yield
-        finally:
+        finally:  # no request is prepared into a stopped engine: the pool first
+            prepare_pool.shutdown(wait=True, cancel_futures=True)
             runtime.engine.shutdown()
-            prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mamp", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes,
+                       on_refused=lambda: metrics.record_failure(413))
     if config.api_key:  # added last: runs first, so a request without the key is refused before anything else
         app.add_middleware(ApiKeyCheck, api_key=config.api_key, on_refused=lambda: metrics.record_failure(401))
 
     async def start_job(service, body):
+        nonlocal preparing
+        if preparing >= config.max_queue + config.max_num_seqs:
+            raise queue_full(f"the server is busy: {preparing} requests are being prepared; retry later")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(prepare_pool, service.start, body, loop)
+        preparing += 1
+        try:
+            return await loop.run_in_executor(prepare_pool, service.start, body, loop)
+        finally:
+            preparing -= 1
 
     def fail(err: APIError) -> JSONResponse:
         metrics.record_failure(err.status)

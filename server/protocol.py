@@ -20,26 +20,25 @@ def now() -> int:
     return int(time.time())
 
 
-def _unencodable(value, path: str = "") -> str | None:
+def _unencodable(value) -> str | None:
     """The path of the first string (or key) in a parsed JSON value that is not valid Unicode text (a lone
-    UTF-16 surrogate such as "\\ud800", which JSON's escapes allow but no tokenizer or encoder accepts)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "body"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            sub = f"{path}.{key}" if path else str(key)
-            bad = _unencodable(key, sub) or _unencodable(item, sub)
-            if bad:
-                return bad
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            bad = _unencodable(item, f"{path}.{i}")
-            if bad:
-                return bad
+    UTF-16 surrogate such as "\\ud800", which JSON's escapes allow but no tokenizer or encoder accepts).
+    Iterative: a deeply nested body cannot exhaust the stack."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(item, dict):
+            for key, sub in reversed(list(item.items())):
+                sub_path = f"{path}.{key}" if path else str(key)
+                stack.append((sub_path, sub))
+                stack.append((sub_path, key))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}", sub) for i, sub in reversed(list(enumerate(item))))
     return None
 
 
@@ -58,7 +57,7 @@ class _Request(BaseModel):
         return data
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
@@ -111,7 +110,7 @@ class CompletionRequest(_SamplingFields):
         return self
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
@@ -120,6 +119,9 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    # What clients echo back from an earlier assistant turn: accepted empty only (no tool calling here).
+    tool_calls: Optional[list[Any]] = Field(None, max_length=0)
+    refusal: Optional[str] = None
 
     @field_validator("role", mode="before")
     @classmethod

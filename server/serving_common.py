@@ -47,7 +47,7 @@ class ServingBase:
         limit = self.ctx.max_model_len
         if not prompt:
             raise bad_request("the prompt is empty", prompt_param)
-        if len(prompt) >= limit + (max_tokens == 0):  # scoring alone (max_tokens 0) may fill the context
+        if len(prompt) >= limit:  # the engine needs room for one more position, scoring alone included
             raise bad_request(f"This model's maximum context length is {limit} tokens. However, the prompt "
                               f"has {len(prompt)} tokens, which leaves no room for a completion.", prompt_param)
         if len(prompt) + max_tokens > limit:

@@ -58,6 +58,7 @@ def test_truncated_file_is_caught_by_size_and_by_the_reader(ckpt):
     (lambda m: m["files"].pop("config.json"), "does not list"),
     (lambda m: m.update(format_version=7), "format version 7"),
     (lambda m: m["files"].update({"../x": {"size": 1, "sha256": ""}}), "not a file of the folder"),
+    (lambda m: m["files"].update({"config.json": 3}), "not an object with size and sha256"),
 ])
 def test_edited_manifest_is_refused(ckpt, edit, message):
     manifest = json.loads((ckpt / "manifest.json").read_text())
@@ -117,3 +118,16 @@ def test_cli_refuses_a_tampered_checkpoint_in_one_line(ckpt, tmp_path, command):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1 and lines[0].startswith("error:") and "sha256 differs" in lines[0], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("model_type"), "not a model config transformers can build"),
+    (lambda c: c.update(intermediate_size=96),
+     "layer model.layers.0.mlp.down_proj is 64x96 in the model, 64x128 in quantization_config"),
+])
+def test_config_that_disagrees_with_the_model_is_refused(ckpt, edit, message):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    edit(cfg)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt, verify=False)

@@ -44,7 +44,11 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     (CHAT, {"messages": USER, "tool_choice": "required"}, "tool_choice"),
     (CHAT, {"messages": USER + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages"),
-    (CHAT, {"messages": [{"role": "user", "content": "Hi", "tool_calls": []}]}, "messages"),
+    (CHAT, {"messages": USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    (CMPL, {"prompt": "Once", "stream": True, "stream_options": {"include_usage": True, "bogus": 1}},
+     "stream_options"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "bogus": 1}]}]}, "messages"),
     (CHAT, {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
 ]
 
@@ -186,6 +190,8 @@ def test_tokenizing_a_long_prompt_does_not_stall_health(tiny_server):
     (CHAT, {"messages": USER, "response_format": {"type": "text"}, "tool_choice": "none", "user": "u-1"}),
     (CHAT, {"messages": USER, "tools": [], "tool_choice": "auto", "parallel_tool_calls": False}),
     (CMPL, {"prompt": "Once", "suffix": "", "best_of": 1, "user": "u-1"}),
+    (CHAT, {"messages": USER + [{"role": "assistant", "content": "Hello", "tool_calls": None, "refusal": None},
+                                {"role": "user", "content": "And?"}]}),
 ])
 def test_the_harmless_forms_of_those_fields_work(tiny_server, path, body):
     r = httpx.post(tiny_server.url + path, json={"model": "tiny", "max_tokens": 2, **body})
@@ -214,3 +220,18 @@ def test_echo_with_max_tokens_0_scores_the_prompt(tiny_server):
                                                    "logprobs": 2, "max_tokens": 1, "temperature": 0}).json()
     n = len(lp["tokens"])
     assert full["choices"][0]["logprobs"]["token_logprobs"][:n] == lp["token_logprobs"]
+
+
+@pytest.mark.parametrize("depth", [500, 900, 950, 980, 5000])
+def test_deeply_nested_body_is_400_not_500(tiny_server, depth):
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "tools": ' + b"[" * depth + b"]" * depth + b"}"
+    r = httpx.post(tiny_server.url + CHAT, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize("body", [{"prompt": [5] * 2048, "max_tokens": None},
+                                  {"prompt": [5] * 2048, "max_tokens": 0, "echo": True},
+                                  {"prompt": [[5] * 10, [5] * 2048], "max_tokens": None}])
+def test_prompt_filling_the_whole_context_is_400(tiny_server, body):
+    r = httpx.post(tiny_server.url + CMPL, json={"model": "tiny", **body})
+    assert_error(r, 400, "prompt")
