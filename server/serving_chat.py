@@ -15,7 +15,7 @@ from .serving_common import SSE_DONE, ServingBase, engine_error, sse, usage
 
 def fallback_prompt(messages: list[ChatMessage]) -> str:
     """For tokenizers without a chat template: 'role: content' lines, then the assistant's turn."""
-    lines = [f"{m.role}: {m.text()}" for m in messages]
+    lines = [f"{m.role}{f' ({m.name})' if m.name else ''}: {m.text()}" for m in messages]
     return "\n".join(lines + ["assistant:"])
 
 
@@ -32,7 +32,9 @@ class ChatService(ServingBase):
     def _prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
         tok = self.ctx.tokenizer
         if getattr(tok, "chat_template", None):
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            # `name` goes to the template as OpenAI sends it; templates that know it use it, others ignore it
+            messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                        for m in req.messages]
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # jinja templates raise on e.g. roles they do not allow

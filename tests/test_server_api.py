@@ -139,3 +139,11 @@ def test_logprobs_and_echo(tiny_server):
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
     assert content[0].logprob == content[0].top_logprobs[0].logprob  # greedy takes the best token
+
+
+def test_message_name_reaches_the_prompt():
+    from mamp.server.protocol import ChatMessage
+    from mamp.server.serving_chat import fallback_prompt
+
+    msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi", name="bob")]
+    assert fallback_prompt(msgs) == "system: Be brief.\nuser (bob): Hi\nassistant:"
