@@ -71,6 +71,8 @@ def _reference_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     return True, "reference"
 
 
+FALLBACKS = ("cpu-torch", "reference")  # correct but slow: choosing one is worth a warning
+
 KERNELS: tuple[Kernel, ...] = (
     Kernel("triton", ops.packed_linear, _triton_ok),  # torch.ops.mamp.packed_linear_triton
     Kernel("cpu", ops.packed_linear, _cpu_ext_ok),  # torch.ops.mamp.packed_linear_cpu
@@ -83,10 +85,14 @@ def choose_kernel(spec: PackSpec, device: torch.device | str, kernels: tuple[Ker
                   layer: str = "") -> Kernel:
     """The first kernel of `kernels` that can serve this layer on this device; refusals are logged (debug)."""
     device = torch.device(device)
+    refused = []
     for k in kernels:
         ok, reason = k.can_implement(spec, device)
         if ok:
+            if k.name in FALLBACKS and refused:  # a slow path serves: say why the fast one could not, in full
+                log.warning("%s: served by the %s kernel because %s", layer or spec, k.name, "; ".join(refused))
             return k
+        refused.append(f"{k.name}: {reason}")
         log.debug("%s: kernel %s refused: %s", layer or spec, k.name, reason)
     raise RuntimeError(f"no kernel can serve {spec} on {device}")  # unreachable with the reference last
 

@@ -66,6 +66,11 @@ class ServerMetrics:
         gauge("mamp:num_requests_running", "Sequences in the running batch.", lambda: snapshot().num_running)
         gauge("mamp:num_requests_waiting", "Sequences waiting for a slot.", lambda: snapshot().num_waiting)
 
+        kernels = Gauge("mamp:kernel_layers", "Packed linear layers served by each kernel (chosen at load).",
+                        ["model_name", "kernel"], registry=reg)
+        for kernel, count in info.kernels:
+            kernels.labels(model_name=model_name, kernel=kernel).set(count)
+
         self.finished = Counter("mamp:requests_finished", "Finished sequences by finish reason.",
                                 ["model_name", "finish_reason"], registry=reg)
         self.failed = Counter("mamp:requests_failed", "Requests answered with an error, by HTTP status.",

@@ -24,6 +24,7 @@ class ModelInfo:
     weight_bytes: int            # weights as loaded (packed), bytes
     weight_bf16_bytes: int       # the same weights stored as bf16, bytes
     max_position_embeddings: int
+    kernels: tuple[tuple[str, int], ...] = ()  # (kernel name, packed layers it serves), chosen at load
 
     @property
     def saving_ratio(self) -> float:
@@ -45,6 +46,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[dtype]
+
+
+def kernel_summary(model) -> tuple[tuple[str, int], ...]:
+    """How many packed layers each kernel serves (the choice each PackedLinear made at load)."""
+    from mamp.kernels.packed_linear import PackedLinear
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            counts[m.kernel_name] = counts.get(m.kernel_name, 0) + 1
+    return tuple(sorted(counts.items()))
 
 
 def load_for_serving(path: str | Path, device: str = "auto", dtype: str = "auto", verify: bool = True):
@@ -72,5 +84,8 @@ def load_for_serving(path: str | Path, device: str = "auto", dtype: str = "auto"
         weight_bytes=int(stored),
         weight_bf16_bytes=int(bf16),
         max_position_embeddings=int(getattr(model.config, "max_position_embeddings", 2048)),
+        kernels=kernel_summary(model),
     )
+    for name, count in info.kernels:
+        logger.info("%d packed layers served by the %s kernel", count, name)
     return model, tokenizer, info

@@ -147,3 +147,17 @@ def test_packed_linear_under_autograd_matches_and_backpropagates():
     torch.testing.assert_close(y, y_fast, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     torch.testing.assert_close(x.grad, dequantize(packed).sum(0).expand(3, 48), rtol=1e-5, atol=1e-5)
+
+
+def test_a_slow_fallback_is_a_warning_with_the_reason(monkeypatch, caplog):
+    import logging
+
+    from mamp.kernels import dispatch
+
+    monkeypatch.setattr(dispatch.ops, "load_cpu_ops", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="mamp.kernels.dispatch"):
+        kernel = dispatch.choose_kernel(PackSpec(64, 32), "cpu", layer="layer0")
+    assert kernel.name == "cpu-torch"
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "layer0: served by the cpu-torch kernel because" in record.getMessage()
+    assert "cpu: the C++ extension is unavailable" in record.getMessage()
