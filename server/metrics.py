@@ -66,7 +66,8 @@ class ServerMetrics:
         gauge("mamp:num_requests_running", "Sequences in the running batch.", lambda: snapshot().num_running)
         gauge("mamp:num_requests_waiting", "Sequences waiting for a slot.", lambda: snapshot().num_waiting)
 
-        kernels = Gauge("mamp:kernel_layers", "Packed linear layers served by each kernel (chosen at load).",
+        kernels = Gauge("mamp:kernel_layers", "Linear layers served by each kernel (chosen at load; torch: an "
+                        "unquantized checkpoint).",
                         ["model_name", "kernel"], registry=reg)
         for kernel, count in info.kernels:
             kernels.labels(model_name=model_name, kernel=kernel).set(count)

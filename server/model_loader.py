@@ -49,13 +49,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def kernel_summary(model) -> tuple[tuple[str, int], ...]:
-    """How many packed layers each kernel serves (the choice each PackedLinear made at load)."""
+    """How many linear layers each kernel serves: for a packed checkpoint the choice each PackedLinear made at
+    load; for an unquantized one, torch's own matmul ("torch")."""
+    from torch import nn
+
     from mamp.kernels.packed_linear import PackedLinear
 
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, PackedLinear):
             counts[m.kernel_name] = counts.get(m.kernel_name, 0) + 1
+    if not counts:
+        counts["torch"] = sum(isinstance(m, nn.Linear) for m in model.modules())
     return tuple(sorted(counts.items()))
 
 
