@@ -26,7 +26,6 @@ LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_l
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)).save_pretrained(d)
 for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
     shutil.copy(ROOT.parent / "shared/assets/models/stories260K" / n, d / n)
-from tests.conftest import LiveServer
 srv = LiveServer(model=str(d), served_model_name="tiny")
 
 def probe(worker):

@@ -109,10 +109,16 @@ class QuantizationConfig:
             kw["format_version"] = int(kw.get("format_version", -1))
             layers = {name: PackSpec.from_dict(s) for name, s in d["layers"].items()}
             return cls(layers=layers, calibration=calibration, **kw)
+        except CheckpointError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
             raise CheckpointError(f"malformed quantization_config: {e}") from None
+
+
+def _mamp_entry(config: Mapping[str, Any]) -> dict | None:
+    """config.json's quantization_config when it is mamp's, else None."""
+    q = config.get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
 
 
 def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
@@ -122,12 +128,11 @@ def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
     if not cfg.is_file():
         return None
     try:
-        q = json.loads(cfg.read_text()).get("quantization_config")
+        config = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg}: unreadable ({e})") from None
-    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
-        return None
-    return QuantizationConfig.from_dict(q)
+    q = _mamp_entry(config) if isinstance(config, dict) else None
+    return None if q is None else QuantizationConfig.from_dict(q)
 
 
 # Writing -------------------------------------------------------------------------------------------------------
@@ -331,12 +336,13 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
-    if not isinstance(cfg.get("quantization_config"), dict) or cfg["quantization_config"].get("quant_method") != QUANT_METHOD:
+    entry = _mamp_entry(cfg) if isinstance(cfg, dict) else None
+    if entry is None:
         raise CheckpointError(f"{path} is not a mamp checkpoint (no quantization_config with quant_method "
                               f"{QUANT_METHOD!r})")
     if verify:  # before anything of the folder is trusted further
         verify_files(path)
-    q = QuantizationConfig.from_dict(cfg["quantization_config"])
+    q = QuantizationConfig.from_dict(entry)
     cfg.pop("quantization_config")
     try:
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)

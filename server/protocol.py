@@ -44,8 +44,8 @@ def _unencodable(value) -> str | None:
 
 class _Request(BaseModel):
     # Every field either works or is refused: an unknown one is a 400 ("not supported by this server"), never
-    # accepted and ignored. Integers are strict (no booleans or strings in integer fields).
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # accepted and ignored. Integer fields are declared strict (no booleans or strings in them).
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
