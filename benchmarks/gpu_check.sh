@@ -11,8 +11,9 @@
 # OUT_DIR receives env.txt, tests.log, kernels_b<b>h<h>.md per format, e2e.log and the tuned configs
 # (autotune/<gpu>.json). ASSETS_DIR (optional) holds stories260K/ (the model), valid.txt (calibration),
 # test.txt (evaluation text): copies of ../shared/assets; without it the end-to-end step is skipped.
-# Every step has its own time cap, so a slow step costs only itself; the whole script stays under 8 minutes on
-# one H100/H200. Environment: PYTHON (default python3), FORMATS (default "4,4 2,8": b,h pairs to time).
+# Every step has its own time cap, cut to what is left of BUDGET_S (default 450 s), so a slow step costs only
+# itself and the whole script stays under 8 minutes on one H100/H200. Environment: PYTHON (default python3),
+# FORMATS (default "4,4 2,8": b,h pairs to time), BUDGET_S.
 set -uo pipefail
 if [ "${1:-}" = "--prepare-assets" ]; then
   DEST=${2:?usage: gpu_check.sh --prepare-assets DIR}
@@ -34,7 +35,9 @@ mkdir -p "$PKG/mamp" && cp mamp/*.py "$PKG/mamp/"
 for d in kernels quantizer server; do ln -s "$PWD/$d" "$PKG/mamp/$d"; done
 export PYTHONPATH=$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
 T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-450}
 step() { echo "== $(($(date +%s) - T0)) s: $*"; }
+cap() { local left=$((BUDGET_S - ($(date +%s) - T0))); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
 step "environment" | tee "$OUT_DIR/env.txt"
 {
@@ -49,14 +52,14 @@ step "Triton kernel tests on CUDA"
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi  # parallel compiles
 # shellcheck disable=SC2086
-timeout 150 $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_autotune.py -o addopts= -q \
+timeout "$(cap 150)" $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_autotune.py -o addopts= -q \
   -p no:cacheprovider $XDIST 2>&1 | tee "$OUT_DIR/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/tests.log"
 
 for fmt in $FORMATS; do
   b=${fmt%,*}; h=${fmt#*,}
   step "kernel timings b=$b h=$h"
-  timeout 100 $PY benchmarks/kernels.py --device cuda --shapes llama7b,smollm2 --ms 1,4,16,256,2048 \
+  timeout "$(cap 240)" $PY benchmarks/kernels.py --device cuda --shapes llama7b,smollm2 --ms 1,4,16,256,2048 \
     --bits "$b" --salient-bits "$h" 2>&1 | tee "$OUT_DIR/kernels_b${b}h${h}.md"
 done
 
@@ -64,11 +67,11 @@ if [ -n "$ASSETS" ] && [ -d "$ASSETS/stories260K" ]; then
   step "end to end: quantize stories260K on CUDA, perplexity on CUDA"
   {
     CK=$(mktemp -d)/stories-b4
-    timeout 60 $PY -m mamp.quantizer "$ASSETS/stories260K" --out "$CK" --bits 4 --calib "$ASSETS/valid.txt" \
+    timeout "$(cap 60)" $PY -m mamp.quantizer "$ASSETS/stories260K" --out "$CK" --bits 4 --calib "$ASSETS/valid.txt" \
       --nsamples 32 --seqlen 256 --device cuda 2>&1 | grep -v '%|'
     # The CPU figure for this command is in docs/RESULTS.md (GPU section): 143.0913 on the CPU box. A CPU eval
     # here would first build the C++ extension, which costs more device time than it tells.
-    timeout 120 $PY -m mamp.quantizer.eval "$CK" --text "$ASSETS/test.txt" --seqlen 256 --max-tokens 65536 \
+    timeout "$(cap 120)" $PY -m mamp.quantizer.eval "$CK" --text "$ASSETS/test.txt" --seqlen 256 --max-tokens 65536 \
       --device cuda 2>&1 | grep -v '%|'
   } 2>&1 | tee "$OUT_DIR/e2e.log"
 fi

@@ -38,23 +38,38 @@ def check_launch_args(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
 
 
 @triton.jit
-def load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n, mask, N,
-                   B: tl.constexpr, GS: tl.constexpr, SGS: tl.constexpr):
-    """Words [R, BN] int32 and, per word: salient flag and the scale and zero of the word's grid (fp32)."""
+def load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, r0, offs_n, mask_n, R, N,
+                   B: tl.constexpr, GS: tl.constexpr, SGS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Words [BLOCK_R, BN] int32 of word rows r0 .. r0 + BLOCK_R - 1 (r0 a multiple of BLOCK_R; rows from R on
+    read as 0) and, per word: salient flag and the scale and zero of the word's grid (fp32)."""
     VPW: tl.constexpr = 32 // B
     WPG: tl.constexpr = B // 2
+    BLOCK_K: tl.constexpr = BLOCK_R * VPW
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    mask = (offs_r < R)[:, None] & mask_n[None, :]
     col = offs_n[None, :]
     words = tl.load(qw_ptr + offs_r[:, None] * N + col, mask=mask, other=0)
     g = offs_r // WPG
-    byte = tl.load(bm_ptr + (g // 8)[:, None] * N + col, mask=mask, other=0).to(tl.int32)
-    sal = ((byte >> (g % 8)[:, None]) & 1) != 0
-    k0 = offs_r * VPW
-    sg = (k0 // GS)[:, None] * N + col
-    hg = (k0 // SGS)[:, None] * N + col
-    s = tl.load(sc_ptr + sg, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sg, mask=mask, other=0).to(tl.float32)
-    hs = tl.load(hsc_ptr + hg, mask=mask, other=0.0).to(tl.float32)
-    hz = tl.load(hz_ptr + hg, mask=mask, other=0).to(tl.float32)
+    if (GS % BLOCK_K == 0) and (SGS % BLOCK_K == 0) and (128 % BLOCK_K == 0):
+        # The tile's BLOCK_K input rows lie in one scale group of each grid and one bitmap byte (r0 is a
+        # multiple of BLOCK_R): one load of each per column instead of one per word.
+        k0 = r0 * VPW
+        byte = tl.load(bm_ptr + (k0 // 128) * N + offs_n, mask=mask_n, other=0).to(tl.int32)
+        sal = ((byte[None, :] >> (g % 8)[:, None]) & 1) != 0
+        s = tl.load(sc_ptr + (k0 // GS) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + (k0 // GS) * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        hs = tl.load(hsc_ptr + (k0 // SGS) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        hz = tl.load(hz_ptr + (k0 // SGS) * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    else:
+        byte = tl.load(bm_ptr + (g // 8)[:, None] * N + col, mask=mask, other=0).to(tl.int32)
+        sal = ((byte >> (g % 8)[:, None]) & 1) != 0
+        k0 = offs_r * VPW
+        sg = (k0 // GS)[:, None] * N + col
+        hg = (k0 // SGS)[:, None] * N + col
+        s = tl.load(sc_ptr + sg, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sg, mask=mask, other=0).to(tl.float32)
+        hs = tl.load(hsc_ptr + hg, mask=mask, other=0.0).to(tl.float32)
+        hz = tl.load(hz_ptr + hg, mask=mask, other=0).to(tl.float32)
     return words, sal, tl.where(sal, hs, s), tl.where(sal, hz, z)
 
 
@@ -79,18 +94,40 @@ def code_bits(words, sal, I: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
 
 @triton.jit
 def dequant_tile(words, sal, scale, zero, B: tl.constexpr, H: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """fp32 weights [BLOCK_R * 32/b, BLOCK_N] of every input row the [BLOCK_R, BLOCK_N] words cover, in input-row
-    order (word row r, code i is input row r*(32/b) + i: the row-major order of [r, i]), so that one tl.dot
-    consumes a whole step of BLOCK_R * 32/b contiguous activation columns."""
+                 BLOCK_N: tl.constexpr, CODE_MAJOR: tl.constexpr):
+    """fp32 weights [BLOCK_R * 32/b, BLOCK_N] of every input row the [BLOCK_R, BLOCK_N] words cover.
+
+    Row order: CODE_MAJOR false, input-row order (tile row r*(32/b) + i is word row r, code i: the row-major order
+    of [r, i]), so one tl.dot consumes BLOCK_R * 32/b contiguous activation columns; CODE_MAJOR true, tile row
+    i*BLOCK_R + r is word row r, code i (the codes of one word land in different rows, so each thread keeps its
+    words' values), and the activation columns are read in that order (tile_rows_to_inputs)."""
     VPW: tl.constexpr = 32 // B
     RUN: tl.constexpr = H // B
     i = tl.arange(0, VPW)
-    w3 = words[:, None, :]
-    q = (w3 >> (i * B)[None, :, None]) & ((1 << B) - 1)
-    if H != B:
-        hq = (w3 >> ((i // RUN) * H)[None, :, None]) & ((1 << H) - 1)
-        q = tl.where(sal[:, None, :], hq, q)
-    f = (q | MAGIC_BITS).to(tl.float32, bitcast=True)
-    w = (f - (zero + MAGIC)[:, None, :]) * scale[:, None, :]
+    if CODE_MAJOR:
+        w3 = words[None, :, :]
+        q = (w3 >> (i * B)[:, None, None]) & ((1 << B) - 1)
+        if H != B:
+            hq = (w3 >> ((i // RUN) * H)[:, None, None]) & ((1 << H) - 1)
+            q = tl.where(sal[None, :, :], hq, q)
+        f = (q | MAGIC_BITS).to(tl.float32, bitcast=True)
+        w = (f - (zero + MAGIC)[None, :, :]) * scale[None, :, :]
+    else:
+        w3 = words[:, None, :]
+        q = (w3 >> (i * B)[None, :, None]) & ((1 << B) - 1)
+        if H != B:
+            hq = (w3 >> ((i // RUN) * H)[None, :, None]) & ((1 << H) - 1)
+            q = tl.where(sal[:, None, :], hq, q)
+        f = (q | MAGIC_BITS).to(tl.float32, bitcast=True)
+        w = (f - (zero + MAGIC)[:, None, :]) * scale[:, None, :]
     return tl.reshape(w, (BLOCK_R * VPW, BLOCK_N))
+
+
+@triton.jit
+def tile_rows_to_inputs(r0, B: tl.constexpr, BLOCK_R: tl.constexpr, CODE_MAJOR: tl.constexpr):
+    """The input row (activation column) of each row of dequant_tile's tile for word rows r0 .. r0 + BLOCK_R - 1."""
+    VPW: tl.constexpr = 32 // B
+    t = tl.arange(0, BLOCK_R * VPW)
+    if CODE_MAJOR:
+        return (r0 + t % BLOCK_R) * VPW + t // BLOCK_R
+    return r0 * VPW + t

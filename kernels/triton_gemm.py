@@ -13,7 +13,7 @@ import triton.language as tl
 
 from mamp.kernels.packing import PackedWeight
 from mamp.kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from mamp.kernels.triton_decode import check_launch_args, dequant_tile, load_word_rows
+from mamp.kernels.triton_decode import check_launch_args, dequant_tile, load_word_rows, tile_rows_to_inputs
 
 GROUP_M = 8  # program-id swizzle: neighbouring programs share weight tiles in L2
 
@@ -25,9 +25,8 @@ def packed_gemm_kernel(
     B: tl.constexpr, H: tl.constexpr, GS: tl.constexpr, SGS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    CODE_MAJOR: tl.constexpr,
 ):
-    VPW: tl.constexpr = 32 // B
-    BLOCK_K: tl.constexpr = BLOCK_R * VPW
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -43,12 +42,10 @@ def packed_gemm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
-                                                 mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
-        w = dequant_tile(words, sal, scale, zero, B, H, BLOCK_R, BLOCK_N)  # [BLOCK_K, BLOCK_N] fp32
-        offs_k = r0 * VPW + tl.arange(0, BLOCK_K)
+        words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, r0, offs_n, mask_n,
+                                                 R, N, B, GS, SGS, BLOCK_R)
+        w = dequant_tile(words, sal, scale, zero, B, H, BLOCK_R, BLOCK_N, CODE_MAJOR)  # [BLOCK_K, BLOCK_N] fp32
+        offs_k = tile_rows_to_inputs(r0, B, BLOCK_R, CODE_MAJOR)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
         if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
@@ -91,7 +88,7 @@ def packed_gemm(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
             m, n, k, spec.qweight_rows, x2.stride(0), x2.stride(1), out2.stride(0),
             B=spec.bits, H=spec.salient_bits, GS=spec.group_size, SGS=spec.salient_group_size,
             HAS_BIAS=bias is not None, DOT_F32=dot_in_fp32(x.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, GROUP=GROUP_M,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, GROUP=GROUP_M, CODE_MAJOR=bool(cfg.blocks.get("CODE_MAJOR", 0)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -103,12 +100,16 @@ def packed_gemm(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
     return launch(config)
 
 
-def _cfg(bm: int, bn: int, br: int, warps: int, stages: int) -> KernelConfig:
-    return KernelConfig(blocks={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, br: int, warps: int, stages: int, code_major: int = 0) -> KernelConfig:
+    return KernelConfig(blocks={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br, "CODE_MAJOR": code_major},
+                        num_warps=warps, num_stages=stages)
 
 
 # Curated: a K step is BLOCK_R * 32/b input rows (BLOCK_R = 8: 128 rows at b = 2, 64 at b = 4). Configs whose
-# tiles overflow shared memory fail to compile and the tuner skips them.
+# tiles overflow shared memory fail to compile and the tuner skips them. Dequantizing costs ALU work per weight
+# and program, the MMA per weight and row of the tile: BLOCK_M = 256 halves the former's share. CODE_MAJOR
+# orders the dequantized tile by code (see dequant_tile); which order converts to the MMA layout more cheaply is
+# left to the tuner.
 GEMM_CONFIGS = [
     _cfg(128, 128, 8, 8, 3),
     _cfg(128, 256, 8, 8, 3),
@@ -117,5 +118,10 @@ GEMM_CONFIGS = [
     _cfg(64, 256, 16, 8, 2),
     _cfg(64, 64, 16, 4, 3),
     _cfg(32, 128, 8, 4, 4),
+    _cfg(256, 128, 8, 8, 3),
+    _cfg(128, 128, 8, 8, 3, code_major=1),
+    _cfg(128, 256, 8, 8, 3, code_major=1),
+    _cfg(128, 128, 16, 8, 2, code_major=1),
+    _cfg(256, 128, 8, 8, 3, code_major=1),
 ]
 GEMM_TUNER = DiskAutotuner("packed_gemm", GEMM_CONFIGS)

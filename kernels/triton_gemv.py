@@ -15,7 +15,8 @@ import triton.language as tl
 
 from mamp.kernels.packing import PackedWeight
 from mamp.kernels.triton_autotune import DiskAutotuner, KernelConfig, dot_in_fp32
-from mamp.kernels.triton_decode import MAGIC, check_launch_args, code_bits, dequant_tile, load_word_rows
+from mamp.kernels.triton_decode import (MAGIC, check_launch_args, code_bits, dequant_tile, load_word_rows,
+                                        tile_rows_to_inputs)
 
 MAX_M = 16  # rows this kernel serves; PackedLinear sends larger M to the GEMM
 DOT_M = 16  # activation tile for 1 < M <= 16 (tl.dot needs 16)
@@ -27,10 +28,9 @@ def packed_gemv_kernel(
     M, N, K, R, stride_xm, stride_xk, stride_om, rows_per_split,
     B: tl.constexpr, H: tl.constexpr, GS: tl.constexpr, SGS: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CODE_MAJOR: tl.constexpr,
 ):
     VPW: tl.constexpr = 32 // B
-    BLOCK_K: tl.constexpr = BLOCK_R * VPW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,8 +46,8 @@ def packed_gemv_kernel(
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r_end
-        words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, offs_r, offs_n,
-                                                 mask_r[:, None] & mask_n[None, :], N, B, GS, SGS)
+        words, sal, scale, zero = load_word_rows(qw_ptr, bm_ptr, sc_ptr, z_ptr, hsc_ptr, hz_ptr, r0, offs_n, mask_n,
+                                                 r_end, N, B, GS, SGS, BLOCK_R)
         if BLOCK_M == 1:
             # Per word: scale * (sum_i q_i x_i - zero * sum_i x_i), so the inner loop is one FMA per code.
             t = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -59,8 +59,8 @@ def packed_gemv_kernel(
                 xsum += xv
             acc2 += scale * (t - zero * xsum[:, None])
         else:
-            w = dequant_tile(words, sal, scale, zero, B, H, BLOCK_R, BLOCK_N)  # [BLOCK_K, BLOCK_N] fp32
-            offs_k = r0 * VPW + tl.arange(0, BLOCK_K)
+            w = dequant_tile(words, sal, scale, zero, B, H, BLOCK_R, BLOCK_N, CODE_MAJOR)  # [BLOCK_K, BLOCK_N] fp32
+            offs_k = tile_rows_to_inputs(r0, B, BLOCK_R, CODE_MAJOR)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=mask_m[:, None] & ((offs_k < K) & (offs_k < r_end * VPW))[None, :], other=0.0)
             if DOT_F32:  # full fp32 products, not TF32: fp32 activations ask for fp32 accuracy
@@ -110,7 +110,7 @@ def packed_gemv(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
             m, n, k, r, x2.stride(0), x2.stride(1), dst.stride(0), rows_per_split,
             B=spec.bits, H=spec.salient_bits, GS=spec.group_size, SGS=spec.salient_group_size,
             HAS_BIAS=bias is not None, ATOMIC=atomic, DOT_F32=dot_in_fp32(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_R=br,
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_R=br, CODE_MAJOR=bool(cfg.blocks.get("CODE_MAJOR", 0)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if atomic:
@@ -124,12 +124,14 @@ def packed_gemv(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
     return launch(config)
 
 
-def _cfg(bn: int, br: int, split: int, warps: int = 4, stages: int = 2) -> KernelConfig:
-    return KernelConfig(blocks={"BLOCK_N": bn, "BLOCK_R": br, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+def _cfg(bn: int, br: int, split: int, warps: int = 4, stages: int = 2, code_major: int = 0) -> KernelConfig:
+    return KernelConfig(blocks={"BLOCK_N": bn, "BLOCK_R": br, "SPLIT_K": split, "CODE_MAJOR": code_major},
+                        num_warps=warps, num_stages=stages)
 
 
-# Curated: wide column tiles for big N, split-K for short-and-wide layers where N alone leaves SMs idle; short
-# BLOCK_R for 1 < M <= 16, whose dequantized tile holds BLOCK_R * 32/b rows.
+# Curated: wide column tiles for big N, split-K for short-and-wide layers where N alone leaves SMs idle (an H200
+# has 132 SMs: 4096 columns in tiles of 128 make only 32 programs); short BLOCK_R for 1 < M <= 16, whose
+# dequantized tile holds BLOCK_R * 32/b rows. CODE_MAJOR (M > 1 only) as in the GEMM.
 GEMV_CONFIGS = [
     _cfg(128, 16, 1),
     _cfg(256, 16, 1),
@@ -139,5 +141,10 @@ GEMV_CONFIGS = [
     _cfg(64, 8, 16),
     _cfg(128, 8, 8),
     _cfg(256, 32, 2, warps=8),
+    _cfg(32, 16, 8),
+    _cfg(64, 16, 4),
+    _cfg(128, 16, 8, warps=8),
+    _cfg(64, 8, 16, code_major=1),
+    _cfg(128, 8, 8, code_major=1),
 ]
 GEMV_TUNER = DiskAutotuner("packed_gemv", GEMV_CONFIGS)

@@ -25,8 +25,8 @@ def random_packed(spec: PackSpec, frac: float, seed: int = 0) -> tuple[PackedWei
     return pack(spec, low, high, sal, scales, zeros, hscales, hzeros), (low, high, sal)
 
 
-def make_case(k, n, bits, hbits, frac, seed=0):
-    spec = PackSpec(k, n, bits=bits, salient_bits=hbits, group_size=64, salient_group_size=32)
+def make_case(k, n, bits, hbits, frac, seed=0, groups=(64, 32)):
+    spec = PackSpec(k, n, bits=bits, salient_bits=hbits, group_size=groups[0], salient_group_size=groups[1])
     packed, _ = random_packed(spec, frac, seed=seed)
     return spec, packed
 

@@ -30,6 +30,9 @@ WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # h = b: one code width
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128 x 5*16; 13*16 x 3*128
 FRACS = [0.0, 0.04, 0.5, 1.0]
+# (group_size, salient_group_size): 128 lets a 128-row tile (or 64) load each grid once per column (the
+# tile-uniform path of load_word_rows); 64 / 32 splits such tiles (the per-word path).
+GROUPS = [(64, 32), (128, 128), (128, 64)]
 
 
 def _cases(ms):
@@ -37,14 +40,16 @@ def _cases(ms):
     out = []
     for i, ((bits, hbits), dtype, m) in enumerate(itertools.product(WIDTHS, DTYPES, ms)):
         k, n = SHAPES[i % len(SHAPES)]
-        out.append(pytest.param(bits, hbits, dtype, m, k, n, FRACS[i % len(FRACS)], i % 2 == 0, i % 3 == 1,
+        gs = GROUPS[(i // 3) % len(GROUPS)]
+        out.append(pytest.param(bits, hbits, dtype, m, k, n, FRACS[i % len(FRACS)], i % 2 == 0, i % 3 == 1, gs,
                                 id=f"b{bits}h{hbits}-{str(dtype)[6:]}-m{m}-{k}x{n}-f{FRACS[i % len(FRACS)]}"
-                                   f"{'-bias' if i % 2 == 0 else ''}{'-strided' if i % 3 == 1 else ''}"))
+                                   f"-g{gs[0]}s{gs[1]}{'-bias' if i % 2 == 0 else ''}"
+                                   f"{'-strided' if i % 3 == 1 else ''}"))
     return out
 
 
-def _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
-    _, packed = make_case(k, n, bits, hbits, frac, seed=m)
+def _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided, groups=(64, 32)):
+    _, packed = make_case(k, n, bits, hbits, frac, seed=m, groups=groups)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(dtype) if with_bias else None
     x = make_x(m, k, dtype, strided, seed=k)
     return packed, bias, x
@@ -67,26 +72,30 @@ def _check(kernel, packed, bias, x, config):
 
 
 @needs_triton
-@pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided", _cases([1, 3]))
-def test_gemv(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
+@pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided,groups", _cases([1, 3]))
+def test_gemv(bits, hbits, dtype, m, k, n, frac, with_bias, strided, groups):
     from mamp.kernels.triton_autotune import KernelConfig
     from mamp.kernels.triton_gemv import GEMV_CONFIGS, packed_gemv
 
-    packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided)
-    # The first curated config, and a narrow split-K one (atomics into the fp32 workspace).
-    configs = [GEMV_CONFIGS[0], KernelConfig({"BLOCK_N": 32, "BLOCK_R": 16, "SPLIT_K": 3})]
+    packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided, groups)
+    # The first curated config, and a narrow split-K one (atomics into the fp32 workspace), its tile ordered by
+    # code for all but fp16 (only M > 1 reads CODE_MAJOR).
+    split = {"BLOCK_N": 32, "BLOCK_R": 16, "SPLIT_K": 3, "CODE_MAJOR": int(dtype != torch.float16)}
+    configs = [GEMV_CONFIGS[0], KernelConfig(split)]
     for cfg in configs if (m == 1 or ON_GPU) else configs[1:]:
         _check(packed_gemv, packed, bias, x, cfg)
 
 
 @needs_triton
-@pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided", _cases([17]))
-def test_gemm(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
+@pytest.mark.parametrize("bits,hbits,dtype,m,k,n,frac,with_bias,strided,groups", _cases([17]))
+def test_gemm(bits, hbits, dtype, m, k, n, frac, with_bias, strided, groups):
     from mamp.kernels.triton_autotune import KernelConfig
     from mamp.kernels.triton_gemm import packed_gemm
 
-    packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided)
-    _check(packed_gemm, packed, bias, x, KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}))
+    packed, bias, x = _setup(bits, hbits, dtype, m, k, n, frac, with_bias, strided, groups)
+    code_major = int(dtype != torch.float16)  # both orders of the dequantized tile (triton_decode.dequant_tile)
+    _check(packed_gemm, packed, bias, x,
+           KernelConfig({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16, "CODE_MAJOR": code_major}))
 
 
 @needs_triton
@@ -94,7 +103,7 @@ def test_gemm(bits, hbits, dtype, m, k, n, frac, with_bias, strided):
 def test_gemm_m257_and_curated_config(bits, hbits):
     from mamp.kernels.triton_gemm import GEMM_CONFIGS, packed_gemm
 
-    packed, bias, x = _setup(bits, hbits, torch.float16, 257, 172, 80, 0.04, True, True)
+    packed, bias, x = _setup(bits, hbits, torch.float16, 257, 172, 80, 0.04, True, True, (128, 128))
     _check(packed_gemm, packed, bias, x, GEMM_CONFIGS[0])
 
 
