@@ -28,12 +28,14 @@ if [ -n "$ASSETS" ]; then ASSETS=$(cd "$ASSETS" && pwd); fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 FORMATS=${FORMATS:-"4,4 2,8"}
-# No install on the GPU machine: the mamp package is assembled from links (kernels/ -> mamp.kernels, ...), as
-# pyproject.toml maps it, and the repository root serves the tests' own imports.
-PKG=$(mktemp -d)
-mkdir -p "$PKG/mamp" && cp mamp/*.py "$PKG/mamp/"
-for d in kernels quantizer server; do ln -s "$PWD/$d" "$PKG/mamp/$d"; done
-export PYTHONPATH=$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
+# No install on the GPU machine: mamp/ gets links to kernels/, quantizer/ and server/ (as pyproject.toml maps
+# them; removed again at exit), and the repository root on PYTHONPATH serves both `mamp.*` and the tests' imports.
+LINKS=()
+for d in kernels quantizer server; do
+  if [ ! -e "mamp/$d" ]; then ln -s "../$d" "mamp/$d" && LINKS+=("mamp/$d"); fi
+done
+trap 'rm -f "${LINKS[@]}"' EXIT
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MAMP_AUTOTUNE_DIR="$OUT_DIR/autotune"
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
 step() { echo "== $(($(date +%s) - T0)) s: $*"; }
