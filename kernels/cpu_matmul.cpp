@@ -580,6 +580,14 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
                        const c10::optional<at::Tensor>& out, int64_t small_m, int64_t upcast_m,
                        int64_t scratch_bytes);
 
+// kernels/cpu_int8_matmul.cpp (the same extension): the integer-dot decode kernel.
+std::string int8_isa();
+at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
+                              const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
+                              const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias, int64_t bits,
+                              int64_t hbits, int64_t group_size, int64_t salient_group_size, int64_t act_block,
+                              int64_t small_m, int64_t scratch_bytes);
+
 // The registered ops (torch.ops.mamp.*): x [..., K] -> [..., N] in x's dtype, a new tensor (no out=), so that
 // torch.compile, graph capture and other engines can call them. Fake (meta) kernels: kernels/ops.py.
 static at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
@@ -595,6 +603,18 @@ static at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& qweigh
   return y.view(shape);
 }
 
+static at::Tensor packed_linear_int8_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
+                                        const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
+                                        const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias,
+                                        int64_t bits, int64_t hbits, int64_t group_size, int64_t salient_group_size,
+                                        int64_t act_block, int64_t small_m, int64_t scratch_bytes) {
+  const int64_t K = x.size(-1), N = qweight.size(1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return packed_linear_int8(x.reshape({-1, K}), qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, hbits,
+                            group_size, salient_group_size, act_block, small_m, scratch_bytes).view(shape);
+}
+
 static at::Tensor half_linear_op(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                  int64_t small_m, int64_t upcast_m, int64_t scratch_bytes) {
   const int64_t K = x.size(-1), N = weight.size(0);
@@ -607,12 +627,16 @@ TORCH_LIBRARY_FRAGMENT(mamp, m) {
   m.def("packed_linear_cpu(Tensor x, Tensor qweight, Tensor bitmap, Tensor scales, Tensor zeros, Tensor hscales, "
         "Tensor hzeros, Tensor? bias, int bits, int salient_bits, int group_size, int salient_group_size, "
         "int small_m, int scratch_bytes) -> Tensor");
+  m.def("packed_linear_int8_cpu(Tensor x, Tensor qweight, Tensor bitmap, Tensor scales, Tensor zeros, "
+        "Tensor hscales, Tensor hzeros, Tensor? bias, int bits, int salient_bits, int group_size, "
+        "int salient_group_size, int act_block, int small_m, int scratch_bytes) -> Tensor");
   m.def("half_linear_cpu(Tensor x, Tensor weight, Tensor? bias, int small_m, int upcast_m, int scratch_bytes) "
         "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mamp, CPU, m) {
   m.impl("packed_linear_cpu", &packed_linear_op);
+  m.impl("packed_linear_int8_cpu", &packed_linear_int8_op);
   m.impl("half_linear_cpu", &half_linear_op);
 }
 
@@ -620,5 +644,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "y = x W^T + bias from the packed tensors");
   m.def("packed_matmul", &packed_matmul, "packed matmul into out (fp32)");
   m.def("dequantize_t", &dequantize_t, "dequantize to [K_pad, N] fp32");
+  m.def("int8_isa", &int8_isa, "the integer-dot kernel's instruction set here");
   register_half(m);
 }

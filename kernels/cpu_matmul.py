@@ -26,9 +26,27 @@ log = logging.getLogger(__name__)
 SMALL_M = 16  # streaming kernel up to this M; above, dequantize column blocks + BLAS (measured crossover)
 SCRATCH_BYTES = 4 << 20  # prefill: fp32 scratch per dequantized column block (all K rows x nb columns)
 TORCH_K_TILE = 1024  # rows per tile in the torch fallback
+ACT_BLOCK = 128  # inputs per int8 activation scale in the integer-dot kernel (cpu_int8_matmul.cpp)
+# Which decode kernel serves h = b layers on the CPU: "int8" (integer dot products, activations quantized per
+# block) or "float" (fp32 activations). Read when a layer chooses its kernel (at load).
+ACTIVATIONS_ENV = "MAMP_CPU_ACTIVATIONS"
+
+
+def cpu_activations() -> str:
+    v = os.environ.get(ACTIVATIONS_ENV, "int8").strip().lower()
+    if v not in ("int8", "float"):
+        raise ValueError(f"{ACTIVATIONS_ENV} must be int8 or float, got {v!r}")
+    return v
+
+
+def int8_isa() -> str | None:
+    """The integer kernel's instruction set here ("avx512-vnni", "avx2", "portable"); None without the extension."""
+    ext = load_extension()
+    return None if ext is None else ext.int8_isa()
 
 _SOURCE = Path(__file__).with_name("cpu_matmul.cpp")
-_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_half_matmul.cpp"))  # one module; the PYBIND11_MODULE is in _SOURCE
+# One module; the PYBIND11_MODULE is in _SOURCE.
+_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_half_matmul.cpp"), Path(__file__).with_name("cpu_int8_matmul.cpp"))
 _lock = threading.Lock()
 _ext = None
 _ext_error: str | None = None
@@ -64,7 +82,7 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             cap, flags = _arch_flags()
-            name = f"mamp_cpu_matmul_v3_{cap}"  # v3: + the torch.ops.mamp registrations (v2 lacks them)
+            name = f"mamp_cpu_matmul_v4_{cap}"  # v4: + the integer-dot kernel (v3 lacks it)
             build = _build_dir() / name
             build.mkdir(parents=True, exist_ok=True)
             _ext = load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(build),

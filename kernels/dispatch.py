@@ -3,8 +3,9 @@ cannot.
 
 KERNELS is tried in order; the first whose `can_implement(spec, device)` says yes serves the layer, and every
 refused kernel is logged with its reason. Order: Triton on CUDA (GEMV for M <= 16, GEMM above), the C++ CPU
-extension, its pure-torch twin on the CPU, and the pure-torch reference anywhere. The first two run as the
-registered ops of kernels/ops.py (torch.ops.mamp.*). Every path dequantizes
+extension with integer dot products (int8 activations; h = b; MAMP_CPU_ACTIVATIONS=float turns it off), the
+same extension with fp32 activations, its pure-torch twin on the CPU, and the pure-torch reference anywhere.
+The first three run as the registered ops of kernels/ops.py (torch.ops.mamp.*). Every path dequantizes
 transiently at most; none keeps a weight copy.
 """
 from __future__ import annotations
@@ -56,6 +57,17 @@ def _cpu_ext_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     return True, "cpu"
 
 
+def _cpu_int8_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, f"the integer C++ kernel runs on the CPU, not {device.type}"
+    from mamp.kernels.cpu_matmul import ACTIVATIONS_ENV, cpu_activations
+    if cpu_activations() != "int8":
+        return False, f"float activations chosen ({ACTIVATIONS_ENV}=float)"
+    if spec.salient_bits != spec.bits or spec.bits not in (2, 4):
+        return False, f"integer kernel serves h = b in (2, 4), not b={spec.bits} h={spec.salient_bits}"
+    return _cpu_ext_ok(spec, device)
+
+
 def _cpu_torch_matmul(x, packed, bias=None):
     from mamp.kernels.cpu_matmul import packed_matmul_torch
     return packed_matmul_torch(x, packed, bias)
@@ -75,6 +87,7 @@ FALLBACKS = ("cpu-torch", "reference")  # correct but slow: choosing one is wort
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("triton", ops.packed_linear, _triton_ok),  # torch.ops.mamp.packed_linear_triton
+    Kernel("cpu-int8", ops.packed_linear_int8, _cpu_int8_ok),  # torch.ops.mamp.packed_linear_int8_cpu
     Kernel("cpu", ops.packed_linear, _cpu_ext_ok),  # torch.ops.mamp.packed_linear_cpu
     Kernel("cpu-torch", _cpu_torch_matmul, _cpu_torch_ok),
     Kernel("reference", packed_matmul_reference, _reference_ok),
@@ -101,7 +114,7 @@ def can_implement(spec: PackSpec, device: torch.device | str) -> tuple[bool, str
     """(ok, reason): whether a fast kernel (not the reference, nor the torch fallback) serves this layer here."""
     device = torch.device(device)
     reasons = []
-    for k in KERNELS[:2]:
+    for k in KERNELS[:3]:
         ok, reason = k.can_implement(spec, device)
         if ok:
             return True, reason

@@ -4,6 +4,9 @@ gives the output's shape and dtype without computing it.
 
     torch.ops.mamp.packed_linear_cpu(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias,
                                      bits, salient_bits, group_size, salient_group_size, small_m, scratch_bytes)
+    torch.ops.mamp.packed_linear_int8_cpu(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias,
+                                          bits, salient_bits, group_size, salient_group_size, act_block, small_m,
+                                          scratch_bytes)
     torch.ops.mamp.half_linear_cpu(x, weight, bias, small_m, upcast_m, scratch_bytes)
     torch.ops.mamp.packed_linear_triton(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias,
                                         bits, salient_bits, group_size, salient_group_size, in_features)
@@ -53,6 +56,11 @@ def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, 
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
+def _packed_linear_int8_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
+                                 group_size, salient_group_size, act_block, small_m, scratch_bytes):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
 def _half_linear_cpu_fake(x, weight, bias, small_m, upcast_m, scratch_bytes):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -66,6 +74,7 @@ def load_cpu_ops() -> bool:
     with _lock:
         if not _cpu_fakes_registered:
             torch.library.register_fake("mamp::packed_linear_cpu")(_packed_linear_cpu_fake)
+            torch.library.register_fake("mamp::packed_linear_int8_cpu")(_packed_linear_int8_cpu_fake)
             torch.library.register_fake("mamp::half_linear_cpu")(_half_linear_cpu_fake)
             _cpu_fakes_registered = True
     return True
@@ -84,3 +93,16 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
                                             packed.hscales, packed.hzeros, bias, s.bits, s.salient_bits,
                                             s.group_size, s.salient_group_size, cpu_matmul.SMALL_M,
                                             cpu_matmul.SCRATCH_BYTES)
+
+
+def packed_linear_int8(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.ops.mamp.packed_linear_int8_cpu on a PackedWeight: int8 activations (blocks of
+    cpu_matmul.ACT_BLOCK inputs) x codes in integer instructions for M <= SMALL_M and h = b; otherwise the float
+    kernel."""
+    s = packed.spec
+    if x.shape[-1] != s.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, layer expects {s.in_features}")
+    return torch.ops.mamp.packed_linear_int8_cpu(x, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
+                                                 packed.hscales, packed.hzeros, bias, s.bits, s.salient_bits,
+                                                 s.group_size, s.salient_group_size, cpu_matmul.ACT_BLOCK,
+                                                 cpu_matmul.SMALL_M, cpu_matmul.SCRATCH_BYTES)

@@ -132,10 +132,13 @@ def test_can_implement_reasons():
     assert not ok and ("int32" in reason or "triton" in reason)
 
 
-def test_packed_linear_under_autograd_matches_and_backpropagates():
-    """Calling a packed model with grad mode on (HF's default outside no_grad) must work and give dL/dx."""
+def test_packed_linear_under_autograd_matches_and_backpropagates(monkeypatch):
+    """Calling a packed model with grad mode on (HF's default outside no_grad) must work and give dL/dx. (The
+    differentiable path is the float reference: compared here with the float-activation kernel.)"""
     from mamp.kernels.packed_linear import PackedLinear
     from mamp.kernels.packing import PackSpec, dequantize
+
+    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "float")
 
     spec = PackSpec(48, 16, bits=2, salient_bits=2, group_size=32, salient_group_size=32)
     packed, _ = random_packed(spec, 0.25)

@@ -21,7 +21,7 @@ def _case(bits=4, hbits=4, k=80, n=48):
 
 
 def test_torch_ops_mamp_lists_the_kernels():
-    for name in ("packed_linear_cpu", "half_linear_cpu", "packed_linear_triton"):
+    for name in ("packed_linear_cpu", "packed_linear_int8_cpu", "half_linear_cpu", "packed_linear_triton"):
         assert isinstance(getattr(torch.ops.mamp, name), torch._ops.OpOverloadPacket), name
 
 
@@ -48,7 +48,7 @@ def test_torch_compile_calls_the_ops():
     packed = _case()
     layer = PackedLinear.from_packed(packed, torch.randn(48))
     head = HalfLinear(torch.randn(32, 48).bfloat16())
-    assert layer.kernel_name == "cpu"
+    assert layer.kernel_name == "cpu-int8"  # torch.ops.mamp.packed_linear_int8_cpu
 
     def f(t):
         return head(torch.relu(layer(t)))

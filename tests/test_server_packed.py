@@ -43,7 +43,8 @@ def test_packed_checkpoint_serves_like_its_hf_forward(start_server, packed_dir):
     assert gauges["mamp:weight_memory_bf16_bytes"] == info.weight_bf16_bytes
     kernels = {s.labels["kernel"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "mamp:kernel_layers"}
-    assert kernels == {"cpu": 14.0} and info.kernels == (("cpu", 14),)  # 2 layers x 7 linears, the C++ kernel
+    # 2 layers x 7 linears, the C++ integer-dot kernel (h = b)
+    assert kernels == {"cpu-int8": 14.0} and info.kernels == (("cpu-int8", 14),)
     # Loaded in fp32 the float embeddings outweigh what packing saves on this toy; in bf16 the saving shows.
     _, _, bf16_info = load_for_serving(packed_dir, "cpu", "bfloat16")
     assert bf16_info.weight_bf16_bytes == info.weight_bf16_bytes

@@ -1,0 +1,467 @@
+// Integer-dot CPU decode kernel for the packed format (M <= small_m rows, h = b): activations are quantized once
+// per call to int8 in blocks of `act_block` inputs (symmetric, d = max|x| / 127), and the codes are multiplied
+// with them in integer instructions: u8 codes x s8 activations summed four at a time into int32 lanes, one lane
+// per output column (AVX-512 VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd; a portable loop elsewhere). The packed
+// words are used as stored: a 32-bit word of column n holds 32/b codes of consecutive inputs, and masking it
+// with 0x0F0F0F0F (b = 4) or 0x03030303 (b = 2) after a shift of b*j leaves four codes, one per byte, of inputs
+// t*(8/b) + j (t = 0..3). The activations are stored in that order (permuted per word), so one broadcast
+// 32-bit load feeds all 16 columns.
+//
+// Per 16-row group the int32 sums go to the normal or the salient accumulators (the bitmap bit, as a lane mask);
+// a segment closes where a scale group, a salient scale group or an activation block ends:
+//     y += d * (s * (S_normal - z X_normal) + hs * (S_salient - hz X_salient))
+// with S the code x activation sums and X the activation sums of the groups of each kind. The result is exactly
+// the dequantized weights times the dequantized int8 activations, up to fp32 rounding of the per-segment terms
+// (kernels/cpu_int8.py holds the torch reference). h != b (the paper's 8-bit means) stays on the float kernel.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <immintrin.h>
+
+// kernels/cpu_matmul.cpp: the float kernel, for M > small_m and h != b.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
+                         const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
+                         const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& out, int64_t bits, int64_t hbits, int64_t group_size,
+                         int64_t salient_group_size, int64_t small_m, int64_t scratch_bytes);
+
+namespace {
+
+constexpr int GROUP = 16;  // rows per group, one bitmap bit
+constexpr int NT = 16;     // output columns per tile
+
+struct Weights {
+  const uint32_t* qw;   // [K_pad*b/32, N]
+  const uint8_t* bm;    // [ceil(G/8), N]
+  const at::Half* sc;   // [ceil(K_pad/gs), N]
+  const uint8_t* z;     // [ceil(K_pad/gs), N]
+  const at::Half* hsc;  // [ceil(K_pad/sgs), N]
+  const uint8_t* hz;    // [ceil(K_pad/sgs), N]
+  int64_t N, Kp, gs, sgs;
+};
+
+// Per 16-row group: whether a segment closes after it (a scale group, salient scale group or activation block
+// ends there, or the last group), and the rows of the scales, salient scales and activation scales it uses.
+// Computed once per call, so the tiles do no integer division.
+struct GroupInfo {
+  int32_t rs, rh, rb;
+  bool close;
+};
+
+struct Act {                // the quantized activations of M rows
+  const int8_t* q;          // [M, Kp], each word's inputs in extraction order (see quantize_rows)
+  const float* d;           // [M, ceil(Kp/ablk)] block scales
+  const int32_t* s;         // [M, G] 16-row sums of q
+  const GroupInfo* gi;      // [G]
+  int64_t ldq, ldd, lds;
+};
+
+// The activations' order: word r = k / (32/b) holds inputs r*(32/b) + t*E + e at byte t of extraction e
+// (E = 8/b extractions of four codes each); quantize_rows stores them at r*(32/b) + 4e + t.
+
+std::vector<GroupInfo> group_info(int64_t Kp, int64_t gs, int64_t sgs, int64_t ablk) {
+  const int64_t G = Kp / GROUP;
+  std::vector<GroupInfo> gi(G);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k0 = g * GROUP, end = k0 + GROUP;
+    gi[g] = {int32_t(k0 / gs), int32_t(k0 / sgs), int32_t(k0 / ablk),
+             end % gs == 0 || end % sgs == 0 || end % ablk == 0 || g == G - 1};
+  }
+  return gi;
+}
+
+// ---- portable ----------------------------------------------------------------------------------------------
+template <int B, int MB>
+void tile_portable(const Weights& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy, const float* bias) {
+  constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
+  constexpr uint32_t CM = B == 2 ? 0x03030303u : 0x0F0F0F0Fu;
+  const int64_t N = L.N, G = L.Kp / GROUP;
+  float acc[MB][NT] = {};
+  int32_t sall[MB][NT] = {}, ssal[MB][NT] = {}, xsal[MB][NT] = {}, xall[MB] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    bool sal[NT];
+    for (int j = 0; j < NT; ++j) sal[j] = j < nt && ((L.bm[(g / 8) * N + n0 + j] >> (g % 8)) & 1);
+    int32_t t[MB][NT] = {};
+    for (int wi = 0; wi < WPG; ++wi) {
+      const int64_t r = g * WPG + wi;
+      for (int j = 0; j < nt; ++j) {
+        const uint32_t w = L.qw[r * N + n0 + j];
+        for (int e = 0; e < E; ++e) {
+          const uint32_t c = (w >> (B * e)) & CM;
+          for (int m = 0; m < MB; ++m) {
+            const int8_t* xq = A.q + m * A.ldq + r * VPW + 4 * e;
+            int32_t s = 0;
+            for (int b = 0; b < 4; ++b) s += int32_t((c >> (8 * b)) & 0xFF) * int32_t(xq[b]);
+            t[m][j] += s;
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int32_t xs = A.s[m * A.lds + g];
+      xall[m] += xs;
+      for (int j = 0; j < NT; ++j) {
+        sall[m][j] += t[m][j];
+        if (sal[j]) {
+          ssal[m][j] += t[m][j];
+          xsal[m][j] += xs;
+        }
+      }
+    }
+    const GroupInfo gi = A.gi[g];
+    if (gi.close) {
+      const int64_t rs = gi.rs, rh = gi.rh;
+      for (int m = 0; m < MB; ++m) {
+        const float d = A.d[m * A.ldd + gi.rb];
+        for (int j = 0; j < nt; ++j) {
+          const float s = float(L.sc[rs * N + n0 + j]), z = float(L.z[rs * N + n0 + j]);
+          const float hs = float(L.hsc[rh * N + n0 + j]), hz = float(L.hz[rh * N + n0 + j]);
+          const float fn = float(sall[m][j] - ssal[m][j]) - z * float(xall[m] - xsal[m][j]);
+          const float fh = float(ssal[m][j]) - hz * float(xsal[m][j]);
+          acc[m][j] += d * (s * fn + hs * fh);
+          sall[m][j] = ssal[m][j] = xsal[m][j] = 0;
+        }
+        xall[m] = 0;
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < nt; ++j) y[m * ldy + n0 + j] = acc[m][j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+// ---- AVX-512 VNNI ------------------------------------------------------------------------------------------
+#define MAMP_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+template <int B, int MB>
+MAMP_VNNI void tile_vnni(const Weights& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
+                         const float* bias) {
+  constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
+  const __mmask16 lanes = nt == NT ? __mmask16(0xFFFF) : __mmask16((1u << nt) - 1);
+  const __m512i cmask = _mm512_set1_epi32(B == 2 ? 0x03030303 : 0x0F0F0F0F);
+  const int64_t N = L.N, G = L.Kp / GROUP;
+  __m512 acc[MB];
+  __m512i sall[MB], ssal[MB], xsal[MB];
+  int32_t xall[MB];
+  for (int m = 0; m < MB; ++m) {
+    acc[m] = _mm512_setzero_ps();
+    sall[m] = ssal[m] = xsal[m] = _mm512_setzero_si512();
+    xall[m] = 0;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m128i bb = _mm_maskz_loadu_epi8(lanes, L.bm + (g / 8) * N + n0);
+    const __mmask16 sk = _mm_test_epi8_mask(bb, _mm_set1_epi8(char(1 << (g % 8))));
+    __m512i t[MB];
+    for (int m = 0; m < MB; ++m) t[m] = _mm512_setzero_si512();
+    for (int wi = 0; wi < WPG; ++wi) {
+      const int64_t r = g * WPG + wi;
+      const __m512i w = _mm512_maskz_loadu_epi32(lanes, L.qw + r * N + n0);
+      for (int e = 0; e < E; ++e) {
+        const __m512i c = _mm512_and_si512(e ? _mm512_srli_epi32(w, B * e) : w, cmask);
+        for (int m = 0; m < MB; ++m) {
+          int32_t xv;
+          std::memcpy(&xv, A.q + m * A.ldq + r * VPW + 4 * e, 4);
+          t[m] = _mm512_dpbusd_epi32(t[m], c, _mm512_set1_epi32(xv));
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int32_t xs = A.s[m * A.lds + g];
+      xall[m] += xs;
+      sall[m] = _mm512_add_epi32(sall[m], t[m]);
+      if (sk) {
+        ssal[m] = _mm512_mask_add_epi32(ssal[m], sk, ssal[m], t[m]);
+        xsal[m] = _mm512_mask_add_epi32(xsal[m], sk, xsal[m], _mm512_set1_epi32(xs));
+      }
+    }
+    const GroupInfo gi = A.gi[g];
+    if (gi.close) {
+      const int64_t rs = gi.rs, rh = gi.rh;
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, L.sc + rs * N + n0));
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.z + rs * N + n0)));
+      const __m512 hs = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, L.hsc + rh * N + n0));
+      const __m512 hz = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.hz + rh * N + n0)));
+      for (int m = 0; m < MB; ++m) {
+        const __m512 d = _mm512_set1_ps(A.d[m * A.ldd + gi.rb]);
+        const __m512 nx = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(xall[m]), xsal[m]));
+        const __m512 fn = _mm512_fnmadd_ps(z, nx, _mm512_cvtepi32_ps(_mm512_sub_epi32(sall[m], ssal[m])));
+        const __m512 fh = _mm512_fnmadd_ps(hz, _mm512_cvtepi32_ps(xsal[m]), _mm512_cvtepi32_ps(ssal[m]));
+        acc[m] = _mm512_fmadd_ps(d, _mm512_fmadd_ps(hs, fh, _mm512_mul_ps(s, fn)), acc[m]);
+        sall[m] = ssal[m] = xsal[m] = _mm512_setzero_si512();
+        xall[m] = 0;
+      }
+    }
+  }
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + m * ldy + n0, lanes, _mm512_add_ps(acc[m], bv));
+}
+
+// ---- AVX2: 16 columns as two 8-lane halves; vpmaddubsw (u8 x s8 -> pairs in int16, at most 2*15*127) then
+// vpmaddwd with ones (-> int32 sums of four) -------------------------------------------------------------------
+#define MAMP_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+MAMP_AVX2 inline __m256i dot4_avx2(__m256i c, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1));
+}
+
+template <int B, int MB>
+MAMP_AVX2 void tile_avx2(const Weights& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
+                         const float* bias) {
+  constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
+  const __m256i cmask = _mm256_set1_epi32(B == 2 ? 0x03030303 : 0x0F0F0F0F);
+  const int64_t N = L.N, G = L.Kp / GROUP;
+  // Partial tiles read through zero-filled copies of the tile's columns.
+  alignas(32) uint32_t wbuf[NT];
+  alignas(32) uint8_t b8[NT];
+  alignas(32) uint16_t h16[NT];
+  auto load_w = [&](int64_t r, __m256i* v) {
+    const uint32_t* p = L.qw + r * N + n0;
+    if (nt < NT) {
+      std::memset(wbuf, 0, sizeof(wbuf));
+      std::memcpy(wbuf, p, nt * 4);
+      p = wbuf;
+    }
+    v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    v[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8));
+  };
+  auto load_u8 = [&](const uint8_t* p, __m256i* v) {  // 16 bytes -> two int32 x 8
+    if (nt < NT) {
+      std::memset(b8, 0, sizeof(b8));
+      std::memcpy(b8, p, nt);
+      p = b8;
+    }
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    v[0] = _mm256_cvtepu8_epi32(b);
+    v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+  };
+  auto load_h = [&](const at::Half* p, __m256* v) {
+    const void* src = p;
+    if (nt < NT) {
+      std::memset(h16, 0, sizeof(h16));
+      std::memcpy(h16, p, nt * 2);
+      src = h16;
+    }
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    v[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+  };
+  __m256 acc[MB][2];
+  __m256i sall[MB][2], ssal[MB][2], xsal[MB][2];
+  int32_t xall[MB];
+  for (int m = 0; m < MB; ++m) {
+    for (int h = 0; h < 2; ++h) {
+      acc[m][h] = _mm256_setzero_ps();
+      sall[m][h] = ssal[m][h] = xsal[m][h] = _mm256_setzero_si256();
+    }
+    xall[m] = 0;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i bits[2], sel[2];
+    load_u8(L.bm + (g / 8) * N + n0, bits);
+    const __m256i bit = _mm256_set1_epi32(1 << (g % 8));
+    for (int h = 0; h < 2; ++h) sel[h] = _mm256_cmpeq_epi32(_mm256_and_si256(bits[h], bit), bit);
+    const bool any = !_mm256_testz_si256(_mm256_or_si256(sel[0], sel[1]), _mm256_or_si256(sel[0], sel[1]));
+    __m256i t[MB][2];
+    for (int m = 0; m < MB; ++m) t[m][0] = t[m][1] = _mm256_setzero_si256();
+    for (int wi = 0; wi < WPG; ++wi) {
+      const int64_t r = g * WPG + wi;
+      __m256i w[2];
+      load_w(r, w);
+      for (int e = 0; e < E; ++e) {
+        __m256i c[2];
+        for (int h = 0; h < 2; ++h) c[h] = _mm256_and_si256(e ? _mm256_srli_epi32(w[h], B * e) : w[h], cmask);
+        for (int m = 0; m < MB; ++m) {
+          int32_t xv;
+          std::memcpy(&xv, A.q + m * A.ldq + r * VPW + 4 * e, 4);
+          const __m256i xb = _mm256_set1_epi32(xv);
+          for (int h = 0; h < 2; ++h) t[m][h] = _mm256_add_epi32(t[m][h], dot4_avx2(c[h], xb));
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int32_t xs = A.s[m * A.lds + g];
+      xall[m] += xs;
+      for (int h = 0; h < 2; ++h) {
+        sall[m][h] = _mm256_add_epi32(sall[m][h], t[m][h]);
+        if (any) {
+          ssal[m][h] = _mm256_add_epi32(ssal[m][h], _mm256_and_si256(t[m][h], sel[h]));
+          xsal[m][h] = _mm256_add_epi32(xsal[m][h], _mm256_and_si256(_mm256_set1_epi32(xs), sel[h]));
+        }
+      }
+    }
+    const GroupInfo gi = A.gi[g];
+    if (gi.close) {
+      const int64_t rs = gi.rs, rh = gi.rh;
+      __m256 s[2], hs[2];
+      __m256i zi[2], hzi[2];
+      load_h(L.sc + rs * N + n0, s);
+      load_h(L.hsc + rh * N + n0, hs);
+      load_u8(L.z + rs * N + n0, zi);
+      load_u8(L.hz + rh * N + n0, hzi);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 d = _mm256_set1_ps(A.d[m * A.ldd + gi.rb]);
+        for (int h = 0; h < 2; ++h) {
+          const __m256 nx = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_set1_epi32(xall[m]), xsal[m][h]));
+          const __m256 fn = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(zi[h]), nx,
+                                             _mm256_cvtepi32_ps(_mm256_sub_epi32(sall[m][h], ssal[m][h])));
+          const __m256 fh = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(hzi[h]), _mm256_cvtepi32_ps(xsal[m][h]),
+                                             _mm256_cvtepi32_ps(ssal[m][h]));
+          acc[m][h] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(hs[h], fh, _mm256_mul_ps(s[h], fn)), acc[m][h]);
+          sall[m][h] = ssal[m][h] = xsal[m][h] = _mm256_setzero_si256();
+        }
+        xall[m] = 0;
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    alignas(32) float row[NT];
+    _mm256_store_ps(row, acc[m][0]);
+    _mm256_store_ps(row + 8, acc[m][1]);
+    for (int j = 0; j < nt; ++j) y[m * ldy + n0 + j] = row[j] + (bias ? bias[n0 + j] : 0.f);
+  }
+}
+
+// ---- dispatch ----------------------------------------------------------------------------------------------
+enum class Isa { Portable, Avx2, Vnni };
+
+// What the CPU can run, detected once; MAMP_INT8_ISA ("avx2" or "portable", read at every call so tests can
+// switch) forces a lesser path for tests and A/B runs.
+Isa isa() {
+  static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  static const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const char* env = std::getenv("MAMP_INT8_ISA");
+  if (env && std::strcmp(env, "portable") == 0) return Isa::Portable;
+  if (env && std::strcmp(env, "avx2") == 0) return avx2 ? Isa::Avx2 : Isa::Portable;
+  if (vnni) return Isa::Vnni;
+  return avx2 ? Isa::Avx2 : Isa::Portable;
+}
+
+template <int B, int MB>
+void run_tile(Isa path, const Weights& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
+              const float* bias) {
+  if (path == Isa::Vnni) tile_vnni<B, MB>(L, A, n0, nt, y, ldy, bias);
+  else if (path == Isa::Avx2) tile_avx2<B, MB>(L, A, n0, nt, y, ldy, bias);
+  else tile_portable<B, MB>(L, A, n0, nt, y, ldy, bias);
+}
+
+// Quantize x [M, K] fp32 (K <= Kp; rows K..Kp are zero) into q (permuted), d and the 16-row sums.
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t ablk, int bits, int8_t* q, float* d,
+                   int32_t* s) {
+  const int64_t nblk = (Kp + ablk - 1) / ablk, G = Kp / GROUP;
+  const int vpw = 32 / bits, e_n = 8 / bits;
+  std::vector<int8_t> lin(Kp);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t k0 = b * ablk, k1 = std::min(Kp, k0 + ablk), kx = std::min(K, k1);
+      float amax = 0.f;
+      for (int64_t k = k0; k < kx; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      d[m * nblk + b] = amax / 127.f;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = k < K ? std::nearbyint(xr[k] * inv) : 0.f;
+        lin[k] = int8_t(std::max(-127.f, std::min(127.f, v)));
+      }
+    }
+    int8_t* qm = q + m * Kp;  // word r's input r*vpw + t*E + e goes to r*vpw + 4e + t (permuted_index)
+    for (int64_t r = 0; r < Kp / vpw; ++r)
+      for (int e = 0; e < e_n; ++e)
+        for (int t = 0; t < 4; ++t) qm[r * vpw + 4 * e + t] = lin[r * vpw + t * e_n + e];
+    for (int64_t g = 0; g < G; ++g) {  // the sum over a group is the same in either order
+      int32_t acc = 0;
+      for (int i = 0; i < GROUP; ++i) acc += lin[g * GROUP + i];
+      s[m * G + g] = acc;
+    }
+  }
+}
+
+template <int B>
+void gemv_int8(const Weights& L, const Act& A, int64_t M, const float* bias, float* y) {
+  const Isa path = isa();
+  const int64_t N = L.N, tiles = (N + NT - 1) / NT;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (L.Kp * NT));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NT;
+      const int nt = int(std::min<int64_t>(NT, N - n0));
+      int64_t m = 0;
+      auto shifted = [&](int64_t m0) {
+        Act a = A;
+        a.q += m0 * A.ldq;
+        a.d += m0 * A.ldd;
+        a.s += m0 * A.lds;
+        return a;
+      };
+      for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m < M; ++m) run_tile<B, 1>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
+    }
+  });
+}
+
+}  // namespace
+
+// The integer path's instruction set on this machine: "avx512-vnni", "avx2" or "portable" (MAMP_INT8_ISA forces
+// "avx2" or "portable").
+std::string int8_isa() {
+  switch (isa()) {
+    case Isa::Vnni: return "avx512-vnni";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+// x [M, K] any float dtype and strides; returns [M, N] in x's dtype. M <= small_m with h = b takes the integer
+// path; anything else the float kernel (packed_linear of cpu_matmul.cpp).
+at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
+                              const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
+                              const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias, int64_t bits,
+                              int64_t hbits, int64_t group_size, int64_t salient_group_size, int64_t act_block,
+                              int64_t small_m, int64_t scratch_bytes) {
+  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: [M, K] floating point");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1);
+  if (M > small_m || M == 0 || hbits != bits || (bits != 2 && bits != 4)) {
+    return packed_linear(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, c10::nullopt, bits, hbits,
+                         group_size, salient_group_size, small_m, scratch_bytes);
+  }
+  for (const at::Tensor* t : {&qweight, &bitmap, &scales, &zeros, &hscales, &hzeros}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->dim() == 2, "packed tensors: 2-D contiguous CPU");
+  }
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && bitmap.scalar_type() == at::kByte &&
+              scales.scalar_type() == at::kHalf && hscales.scalar_type() == at::kHalf &&
+              zeros.scalar_type() == at::kByte && hzeros.scalar_type() == at::kByte, "packed tensor dtypes");
+  TORCH_CHECK(act_block > 0 && act_block % GROUP == 0, "act_block: a positive multiple of 16, got ", act_block);
+  Weights L{reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()), bitmap.data_ptr<uint8_t>(),
+            scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), hscales.data_ptr<at::Half>(),
+            hzeros.data_ptr<uint8_t>(), N, qweight.size(0) * 32 / bits, group_size, salient_group_size};
+  TORCH_CHECK(K <= L.Kp && L.Kp - K < GROUP, "x has ", K, " features for K_pad = ", L.Kp);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t nblk = (L.Kp + act_block - 1) / act_block, G = L.Kp / GROUP;
+  at::Tensor q = at::empty({M, L.Kp}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, nblk}, x.options().dtype(at::kFloat));
+  at::Tensor s = at::empty({M, G}, x.options().dtype(at::kInt));
+  quantize_rows(xf.data_ptr<float>(), M, K, L.Kp, act_block, int(bits), q.data_ptr<int8_t>(), d.data_ptr<float>(),
+                s.data_ptr<int32_t>());
+  const std::vector<GroupInfo> gi = group_info(L.Kp, group_size, salient_group_size, act_block);
+  const Act A{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), gi.data(), L.Kp, nblk, G};
+  const float* b = nullptr;
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias: [N]");
+    bf = bias->to(at::kFloat).contiguous();
+    b = bf.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, xf.options());
+  if (bits == 2) gemv_int8<2>(L, A, M, b, y.data_ptr<float>());
+  else gemv_int8<4>(L, A, M, b, y.data_ptr<float>());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}

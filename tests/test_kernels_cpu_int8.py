@@ -1,0 +1,148 @@
+"""The integer-dot CPU kernel (kernels/cpu_int8_matmul.cpp): every instruction-set path against its torch
+reference (int8 activations per block, then the dequantized weights), the fallbacks it takes to the float kernel,
+the activation quantizer, the registered op and the dispatch choice.
+
+Paths: AVX-512 VNNI where this CPU has it, AVX2 and the portable loop forced with MAMP_INT8_ISA (read per call).
+"""
+import pytest
+import torch
+
+from mamp.kernels import cpu_matmul, dispatch, ops
+from mamp.kernels.packed_linear import PackedLinear
+from mamp.kernels.packing import PackSpec
+from mamp.kernels.reference import packed_matmul_int8_reference, packed_matmul_reference, quantize_activations
+from tests.helpers import TOL, make_case, make_x, random_packed
+
+pytestmark = pytest.mark.skipif(not ops.load_cpu_ops(), reason="the C++ extension cannot be built here")
+
+ISAS = ["native", "avx2", "portable"]  # native: the best this CPU has (VNNI on AVX-512 VNNI machines)
+SHAPES = [(172, 48), (384, 80), (208, 384), (576, 20)]  # padded K; 3*128; 13*16 x 3*128; N not a multiple of 16
+GROUPS = [(64, 32), (128, 128), (128, 64), (32, 128)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param == "native":
+        monkeypatch.delenv("MAMP_INT8_ISA", raising=False)
+    else:
+        monkeypatch.setenv("MAMP_INT8_ISA", request.param)
+    name = cpu_matmul.int8_isa()
+    assert name == request.param or request.param == "native" or (request.param == "avx2" and name == "portable")
+    return name
+
+
+def _relerr(y, ref):
+    return float((y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("groups", GROUPS, ids=lambda g: f"g{g[0]}s{g[1]}")
+def test_int8_kernel_matches_its_reference(isa, bits, groups):
+    for i, (k, n) in enumerate(SHAPES):
+        for m in (1, 2, 3, 5, 16):
+            for frac in (0.0, 0.3, 1.0):
+                _, packed = make_case(k, n, bits, bits, frac, seed=m + i, groups=groups)
+                x = make_x(m, k, torch.float32, strided=m % 2 == 1, seed=k + m)
+                bias = torch.randn(n) if (m + i) % 2 else None
+                for block in (32, 128):
+                    y = torch.ops.mamp.packed_linear_int8_cpu(x, *packed.tensors().values(), bias, bits, bits,
+                                                              *groups, block, 16, 1 << 22)
+                    ref = packed_matmul_int8_reference(x, packed, bias, act_block=block)
+                    assert y.shape == (m, n) and torch.isfinite(y).all()
+                    assert _relerr(y, ref) < 2e-6, (isa, k, n, m, frac, block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int8_kernel_half_activations_and_leading_dims(dtype):
+    _, packed = make_case(208, 80, 4, 4, 0.25, groups=(128, 128))
+    x = torch.randn(2, 3, 208).to(dtype)
+    bias = torch.randn(80).to(dtype)
+    y = ops.packed_linear_int8(x, packed, bias)
+    assert y.shape == (2, 3, 80) and y.dtype == dtype
+    ref = packed_matmul_int8_reference(x, packed, bias, act_block=cpu_matmul.ACT_BLOCK)
+    assert _relerr(y, ref) <= 2 * TOL[dtype]
+
+
+def test_int8_error_is_the_activation_rounding():
+    """Against fp32 activations the error stays within the int8 rounding bound: |x - q d| <= d/2 per input."""
+    _, packed = make_case(384, 80, 4, 4, 0.1, groups=(128, 128))
+    x = torch.randn(4, 384)
+    y = ops.packed_linear_int8(x, packed, None)
+    exact = packed_matmul_reference(x.double(), packed, None)
+    q, d = quantize_activations(x, cpu_matmul.ACT_BLOCK)
+    from mamp.kernels.packing import dequantize
+    bound = (d.repeat_interleave(cpu_matmul.ACT_BLOCK, dim=1)[:, :384].double() / 2) @ dequantize(packed).double().abs().t()
+    assert ((y.double() - exact).abs() <= bound * 1.001 + 1e-5).all()
+    assert (y.double() - exact).abs().max() > 0  # it really did quantize
+
+
+def test_int8_falls_back_to_the_float_kernel():
+    """M > small_m, and h != b (the paper's 8-bit means), take the float kernel: identical results."""
+    _, packed = make_case(208, 48, 4, 4, 0.2, groups=(128, 128))
+    x = torch.randn(17, 208)
+    assert torch.equal(ops.packed_linear_int8(x, packed, None), ops.packed_linear(x, packed, None))
+    _, p8 = make_case(208, 48, 2, 8, 0.2, groups=(128, 128))
+    x1 = torch.randn(1, 208)
+    assert torch.equal(ops.packed_linear_int8(x1, p8, None), ops.packed_linear(x1, p8, None))
+    with pytest.raises(ValueError, match="layer expects 208"):
+        ops.packed_linear_int8(torch.randn(1, 200), packed, None)
+    args = (torch.randn(1, 208), *packed.tensors().values(), None, 4, 4, 128, 128, 24, 16, 1 << 22)
+    with pytest.raises(RuntimeError, match="act_block"):
+        torch.ops.mamp.packed_linear_int8_cpu(*args)
+
+
+def test_quantize_activations():
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29])
+    q, d = quantize_activations(x, 32)
+    assert q.dtype == torch.int8 and q.shape == (1, 64) and d.shape == (1, 2)
+    assert (q[0, :32] == 0).all() and d[0, 0] == 0  # an all-zero block stays zero, no division by zero
+    assert q[0, 33] == -127 and q[0, 32] == 64 and abs(float(d[0, 1]) - 2 / 127) < 1e-9  # 63.5 rounds to even
+    x = torch.randn(3, 100)
+    q, d = quantize_activations(x, 32)
+    back = q.float() * d.repeat_interleave(32, dim=1)[:, :100]
+    assert ((back - x).abs() <= d.repeat_interleave(32, dim=1)[:, :100] / 2 + 1e-7).all()
+
+
+def test_int8_opcheck():
+    _, packed = make_case(80, 48, 4, 4, 0.25, groups=(32, 32))
+    for x, bias in ((torch.randn(2, 3, 80), torch.randn(48)), (torch.randn(1, 80, dtype=torch.bfloat16), None)):
+        args = (x, *packed.tensors().values(), bias, 4, 4, 32, 32, 32, 16, 1 << 22)
+        result = torch.library.opcheck(torch.ops.mamp.packed_linear_int8_cpu.default, args,
+                                       test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_dispatch_chooses_int8_for_h_equal_b_unless_float_is_asked(monkeypatch):
+    monkeypatch.delenv(cpu_matmul.ACTIVATIONS_ENV, raising=False)
+    assert dispatch.choose_kernel(PackSpec(64, 32, bits=4, salient_bits=4), "cpu").name == "cpu-int8"
+    assert dispatch.choose_kernel(PackSpec(64, 32, bits=2, salient_bits=2), "cpu").name == "cpu-int8"
+    assert dispatch.choose_kernel(PackSpec(64, 32, bits=2, salient_bits=8), "cpu").name == "cpu"
+    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "float")
+    assert dispatch.choose_kernel(PackSpec(64, 32, bits=4, salient_bits=4), "cpu").name == "cpu"
+    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "fp8")
+    with pytest.raises(ValueError, match="int8 or float"):
+        dispatch.choose_kernel(PackSpec(64, 32, bits=4, salient_bits=4), "cpu")
+
+
+def test_packed_linear_serves_through_the_int8_kernel(monkeypatch):
+    monkeypatch.delenv(cpu_matmul.ACTIVATIONS_ENV, raising=False)
+    spec = PackSpec(208, 48, bits=4, salient_bits=4)
+    packed, _ = random_packed(spec, 0.1, seed=3)
+    bias = torch.randn(48)
+    layer = PackedLinear.from_packed(packed, bias)
+    assert layer.kernel_name == "cpu-int8"
+    x = torch.randn(3, 208)
+    with torch.no_grad():
+        y = layer(x)
+    assert _relerr(y, packed_matmul_int8_reference(x, packed, bias, cpu_matmul.ACT_BLOCK)) < 2e-6
+    with torch.no_grad():  # prefill sizes: the float kernel, unchanged
+        x17 = torch.randn(17, 208)
+        assert torch.equal(layer(x17), ops.packed_linear(x17, packed, bias))
