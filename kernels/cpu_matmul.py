@@ -27,6 +27,7 @@ SMALL_M = 16  # streaming kernel up to this M; above, dequantize column blocks +
 SCRATCH_BYTES = 4 << 20  # prefill: fp32 scratch per dequantized column block (all K rows x nb columns)
 TORCH_K_TILE = 1024  # rows per tile in the torch fallback
 ACT_BLOCK = 128  # inputs per int8 activation scale in the integer-dot kernel (cpu_int8_matmul.cpp)
+INT8_MAX_M = SMALL_M  # rows up to which the integer kernel serves; above, the float kernel (prefill)
 # Which decode kernel serves h = b layers on the CPU: "int8" (integer dot products, activations quantized per
 # block) or "float" (fp32 activations). Read when a layer chooses its kernel (at load).
 ACTIVATIONS_ENV = "MAMP_CPU_ACTIVATIONS"

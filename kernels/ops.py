@@ -97,12 +97,12 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
 
 def packed_linear_int8(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """torch.ops.mamp.packed_linear_int8_cpu on a PackedWeight: int8 activations (blocks of
-    cpu_matmul.ACT_BLOCK inputs) x codes in integer instructions for M <= SMALL_M and h = b; otherwise the float
-    kernel."""
+    cpu_matmul.ACT_BLOCK inputs) x codes in integer instructions for M <= cpu_matmul.INT8_MAX_M and h = b;
+    otherwise the float kernel."""
     s = packed.spec
     if x.shape[-1] != s.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, layer expects {s.in_features}")
     return torch.ops.mamp.packed_linear_int8_cpu(x, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
                                                  packed.hscales, packed.hzeros, bias, s.bits, s.salient_bits,
                                                  s.group_size, s.salient_group_size, cpu_matmul.ACT_BLOCK,
-                                                 cpu_matmul.SMALL_M, cpu_matmul.SCRATCH_BYTES)
+                                                 cpu_matmul.INT8_MAX_M, cpu_matmul.SCRATCH_BYTES)
