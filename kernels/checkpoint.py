@@ -383,6 +383,7 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # a tensor whose shape disagrees with config.json
         raise CheckpointError(f"{path / WEIGHTS_NAME}: {' '.join(str(e).split())[:300]}") from None
+    state.clear()  # the model holds the tensors now: no second reference while layers re-lay them out below
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
     tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -19,20 +19,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_layout.h"
+
 namespace {
+
+using mamp_cpu::Layer;
+using mamp_cpu::make_layer;
 
 constexpr int GROUP = 16;  // rows per group, one bitmap bit
 constexpr int NT = 16;     // output columns per tile: two AVX2 registers of fp32
 
-struct Layer {
-  const uint32_t* qw;   // [K_pad*b/32, N]
-  const uint8_t* bm;    // [ceil(G/8), N]
-  const at::Half* sc;   // [ceil(K_pad/gs), N]
-  const uint8_t* z;     // [ceil(K_pad/gs), N]
-  const at::Half* hsc;  // [ceil(K_pad/sgs), N]
-  const uint8_t* hz;    // [ceil(K_pad/sgs), N]
-  int64_t N, Kp, gs, sgs;
-};
 
 // Load one row of NT values starting at column n0 (nt <= NT valid, the rest zero).
 template <typename T>
@@ -66,9 +62,9 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
   float hq[MB][NT] = {}, hx[MB][NT] = {};  // salient groups of the current salient scale group
   for (int64_t g = 0; g < G; ++g) {
     uint32_t w[WPG][NT];
-    for (int wi = 0; wi < WPG; ++wi) load_row(w[wi], L.qw + (g * WPG + wi) * N + n0, nt);
+    for (int wi = 0; wi < WPG; ++wi) load_row(w[wi], L.qw_at((g * WPG + wi), n0), nt);
     uint8_t bits[NT];
-    load_row(bits, L.bm + (g / 8) * N + n0, nt);
+    load_row(bits, L.bm_at((g / 8), n0), nt);
     float sel[NT];
     int n_sal = 0;
     for (int j = 0; j < NT; ++j) {
@@ -119,8 +115,8 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
       float s[NT];
       uint8_t zz[NT];
       const int64_t r = g * GROUP / L.gs;
-      load_half_row(s, L.sc + r * N + n0, nt);
-      load_row(zz, L.z + r * N + n0, nt);
+      load_half_row(s, L.sc_at(r, n0), nt);
+      load_row(zz, L.z_at(r, n0), nt);
       for (int m = 0; m < MB; ++m)
         for (int j = 0; j < NT; ++j) {
           acc[m][j] += s[j] * (lq[m][j] - float(zz[j]) * lx[m][j]);
@@ -132,8 +128,8 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
       float s[NT];
       uint8_t zz[NT];
       const int64_t r = g * GROUP / L.sgs;
-      load_half_row(s, L.hsc + r * N + n0, nt);
-      load_row(zz, L.hz + r * N + n0, nt);
+      load_half_row(s, L.hsc_at(r, n0), nt);
+      load_row(zz, L.hz_at(r, n0), nt);
       for (int m = 0; m < MB; ++m)
         for (int j = 0; j < NT; ++j) {
           acc[m][j] += s[j] * (hq[m][j] - float(zz[j]) * hx[m][j]);
@@ -214,8 +210,8 @@ void gemv_tile_avx2(const Layer& L, const float* x, int64_t ldx, const float* xg
       acc[m][h] = lq[m][h] = lx[m][h] = hq[m][h] = hx[m][h] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i w[WPG][2], bits[2];
-    for (int wi = 0; wi < WPG; ++wi) load16_u32(w[wi], L.qw + (g * WPG + wi) * N + n0, nt);
-    load16_u8(bits, L.bm + (g / 8) * N + n0, nt);
+    for (int wi = 0; wi < WPG; ++wi) load16_u32(w[wi], L.qw_at((g * WPG + wi), n0), nt);
+    load16_u8(bits, L.bm_at((g / 8), n0), nt);
     const __m128i shift = _mm_cvtsi32_si128(int(g % 8));
     __m256 sel[2];
     int n_sal = 0;
@@ -286,8 +282,8 @@ void gemv_tile_avx2(const Layer& L, const float* x, int64_t ldx, const float* xg
       const int64_t r = g * GROUP / L.gs;
       __m256 sc[2];
       __m256i zi[2];
-      load16_f16(sc, L.sc + r * N + n0, nt);
-      load16_u8(zi, L.z + r * N + n0, nt);
+      load16_f16(sc, L.sc_at(r, n0), nt);
+      load16_u8(zi, L.z_at(r, n0), nt);
       for (int h = 0; h < 2; ++h) {
         const __m256 z = _mm256_cvtepi32_ps(zi[h]);
         for (int m = 0; m < MB; ++m) {
@@ -300,8 +296,8 @@ void gemv_tile_avx2(const Layer& L, const float* x, int64_t ldx, const float* xg
       const int64_t r = g * GROUP / L.sgs;
       __m256 sc[2];
       __m256i zi[2];
-      load16_f16(sc, L.hsc + r * N + n0, nt);
-      load16_u8(zi, L.hz + r * N + n0, nt);
+      load16_f16(sc, L.hsc_at(r, n0), nt);
+      load16_u8(zi, L.hz_at(r, n0), nt);
       for (int h = 0; h < 2; ++h) {
         const __m256 z = _mm256_cvtepi32_ps(zi[h]);
         for (int m = 0; m < MB; ++m) {
@@ -329,11 +325,11 @@ void dequant_tile_avx2(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int n
   for (int64_t g = k0 / GROUP; g < (k0 + kt) / GROUP; ++g) {
     __m256 s[2], hs[2], zs[2], hzs[2], sel[2];
     __m256i zi[2], hzi[2], bits[2];
-    load16_f16(s, L.sc + (g * GROUP / L.gs) * N + n0, nt);
-    load16_u8(zi, L.z + (g * GROUP / L.gs) * N + n0, nt);
-    load16_f16(hs, L.hsc + (g * GROUP / L.sgs) * N + n0, nt);
-    load16_u8(hzi, L.hz + (g * GROUP / L.sgs) * N + n0, nt);
-    load16_u8(bits, L.bm + (g / 8) * N + n0, nt);
+    load16_f16(s, L.sc_at((g * GROUP / L.gs), n0), nt);
+    load16_u8(zi, L.z_at((g * GROUP / L.gs), n0), nt);
+    load16_f16(hs, L.hsc_at((g * GROUP / L.sgs), n0), nt);
+    load16_u8(hzi, L.hz_at((g * GROUP / L.sgs), n0), nt);
+    load16_u8(bits, L.bm_at((g / 8), n0), nt);
     for (int h = 0; h < 2; ++h) {
       zs[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(zi[h]), s[h]);  // (q - z) s = q s - z s
       hzs[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(hzi[h]), hs[h]);
@@ -341,7 +337,7 @@ void dequant_tile_avx2(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int n
     }
     for (int wi = 0; wi < WPG; ++wi) {
       __m256i wv[2];
-      load16_u32(wv, L.qw + (g * WPG + wi) * N + n0, nt);
+      load16_u32(wv, L.qw_at((g * WPG + wi), n0), nt);
       for (int i = 0; i < VPW; ++i) {
         float* dst = w + (g * GROUP + wi * VPW + i - k0) * ldw;
         __m256 row[2];
@@ -380,11 +376,11 @@ void dequant_tile(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int nt, fl
   for (int64_t g = k0 / GROUP; g < (k0 + kt) / GROUP; ++g) {
     float s[NT], zs[NT], hs[NT], hzs[NT], sel[NT];
     uint8_t zz[NT], hzz[NT], bits[NT];
-    load_half_row(s, L.sc + (g * GROUP / L.gs) * N + n0, nt);
-    load_row(zz, L.z + (g * GROUP / L.gs) * N + n0, nt);
-    load_half_row(hs, L.hsc + (g * GROUP / L.sgs) * N + n0, nt);
-    load_row(hzz, L.hz + (g * GROUP / L.sgs) * N + n0, nt);
-    load_row(bits, L.bm + (g / 8) * N + n0, nt);
+    load_half_row(s, L.sc_at((g * GROUP / L.gs), n0), nt);
+    load_row(zz, L.z_at((g * GROUP / L.gs), n0), nt);
+    load_half_row(hs, L.hsc_at((g * GROUP / L.sgs), n0), nt);
+    load_row(hzz, L.hz_at((g * GROUP / L.sgs), n0), nt);
+    load_row(bits, L.bm_at((g / 8), n0), nt);
     for (int j = 0; j < NT; ++j) {
       zs[j] = float(zz[j]);
       hzs[j] = float(hzz[j]);
@@ -392,7 +388,7 @@ void dequant_tile(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int nt, fl
     }
     for (int wi = 0; wi < WPG; ++wi) {
       uint32_t wv[NT];
-      load_row(wv, L.qw + (g * WPG + wi) * N + n0, nt);
+      load_row(wv, L.qw_at((g * WPG + wi), n0), nt);
       for (int i = 0; i < VPW; ++i) {
         const int64_t k = g * GROUP + wi * VPW + i;
         float* dst = w + (k - k0) * ldw;
@@ -408,28 +404,6 @@ void dequant_tile(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int nt, fl
   }
 }
 
-Layer make_layer(const at::Tensor& qweight, const at::Tensor& bitmap, const at::Tensor& scales,
-                 const at::Tensor& zeros, const at::Tensor& hscales, const at::Tensor& hzeros, int64_t bits,
-                 int64_t group_size, int64_t salient_group_size) {
-  for (const at::Tensor* t : {&qweight, &bitmap, &scales, &zeros, &hscales, &hzeros}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->dim() == 2, "packed tensors: 2-D contiguous CPU");
-  }
-  TORCH_CHECK(qweight.scalar_type() == at::kInt && bitmap.scalar_type() == at::kByte &&
-              scales.scalar_type() == at::kHalf && hscales.scalar_type() == at::kHalf &&
-              zeros.scalar_type() == at::kByte && hzeros.scalar_type() == at::kByte, "packed tensor dtypes");
-  Layer L;
-  L.qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
-  L.bm = bitmap.data_ptr<uint8_t>();
-  L.sc = scales.data_ptr<at::Half>();
-  L.z = zeros.data_ptr<uint8_t>();
-  L.hsc = hscales.data_ptr<at::Half>();
-  L.hz = hzeros.data_ptr<uint8_t>();
-  L.N = qweight.size(1);
-  L.Kp = qweight.size(0) * 32 / bits;
-  L.gs = group_size;
-  L.sgs = salient_group_size;
-  return L;
-}
 
 template <int B, int H>
 void gemv_all(const Layer& L, const float* x, int64_t M, const float* bias, float* y) {
@@ -547,7 +521,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
                          const c10::optional<at::Tensor>& out, int64_t bits, int64_t hbits, int64_t group_size,
                          int64_t salient_group_size, int64_t small_m, int64_t scratch_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: [M, K] floating point");
-  const int64_t M = x.size(0), N = qweight.size(1);
+  const int64_t M = x.size(0), N = mamp_cpu::out_features(qweight);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   c10::optional<at::Tensor> bf;
   if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).contiguous();
@@ -595,7 +569,7 @@ static at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& qweigh
                                    const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                                    int64_t hbits, int64_t group_size, int64_t salient_group_size, int64_t small_m,
                                    int64_t scratch_bytes) {
-  const int64_t K = x.size(-1), N = qweight.size(1);
+  const int64_t K = x.size(-1), N = mamp_cpu::out_features(qweight);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor y = packed_linear(x.reshape({-1, K}), qweight, bitmap, scales, zeros, hscales, hzeros, bias,
@@ -608,7 +582,7 @@ static at::Tensor packed_linear_int8_op(const at::Tensor& x, const at::Tensor& q
                                         const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias,
                                         int64_t bits, int64_t hbits, int64_t group_size, int64_t salient_group_size,
                                         int64_t act_block, int64_t small_m, int64_t scratch_bytes) {
-  const int64_t K = x.size(-1), N = qweight.size(1);
+  const int64_t K = x.size(-1), N = mamp_cpu::out_features(qweight);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return packed_linear_int8(x.reshape({-1, K}), qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, hbits,

@@ -12,6 +12,7 @@ built (no compiler, no headers), `packed_matmul_cpu` falls back to `packed_matmu
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -46,8 +47,10 @@ def int8_isa() -> str | None:
     return None if ext is None else ext.int8_isa()
 
 _SOURCE = Path(__file__).with_name("cpu_matmul.cpp")
-# One module; the PYBIND11_MODULE is in _SOURCE.
+# One module; the PYBIND11_MODULE is in _SOURCE. _HEADERS are included by them: their bytes name the build, since
+# torch's JIT loader rebuilds on changed sources but not on changed headers.
 _SOURCES = (_SOURCE, Path(__file__).with_name("cpu_half_matmul.cpp"), Path(__file__).with_name("cpu_int8_matmul.cpp"))
+_HEADERS = (Path(__file__).with_name("cpu_layout.h"),)
 _lock = threading.Lock()
 _ext = None
 _ext_error: str | None = None
@@ -83,7 +86,8 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             cap, flags = _arch_flags()
-            name = f"mamp_cpu_matmul_v4_{cap}"  # v4: + the integer-dot kernel (v3 lacks it)
+            digest = hashlib.sha256(b"".join(p.read_bytes() for p in _HEADERS)).hexdigest()[:10]
+            name = f"mamp_cpu_matmul_v5_{cap}_{digest}"
             build = _build_dir() / name
             build.mkdir(parents=True, exist_ok=True)
             _ext = load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(build),

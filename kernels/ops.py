@@ -51,14 +51,19 @@ def _packed_linear_triton_fake(x, qweight, bitmap, scales, zeros, hscales, hzero
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
+def _out_features(qweight: torch.Tensor) -> int:
+    """N of a packed qweight: [R, N] row-major, or [N/16, R, 16] column-tiled (kernels/cpu_layout.py)."""
+    return qweight.shape[0] * qweight.shape[2] if qweight.dim() == 3 else qweight.shape[1]
+
+
 def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
                             group_size, salient_group_size, small_m, scratch_bytes):
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    return x.new_empty((*x.shape[:-1], _out_features(qweight)))
 
 
 def _packed_linear_int8_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
                                  group_size, salient_group_size, act_block, small_m, scratch_bytes):
-    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+    return x.new_empty((*x.shape[:-1], _out_features(qweight)))
 
 
 def _half_linear_cpu_fake(x, weight, bias, small_m, upcast_m, scratch_bytes):
@@ -81,7 +86,8 @@ def load_cpu_ops() -> bool:
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.ops.mamp.packed_linear_<device> on a PackedWeight (the Kernel functions of kernels/dispatch.py)."""
+    """torch.ops.mamp.packed_linear_<device> on a PackedWeight, or on the CPU a kernels.cpu_layout.TiledWeight
+    (the Kernel functions of kernels/dispatch.py)."""
     s = packed.spec
     if x.device.type == "cuda":
         return torch.ops.mamp.packed_linear_triton(x, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
@@ -96,7 +102,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
 
 
 def packed_linear_int8(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.ops.mamp.packed_linear_int8_cpu on a PackedWeight: int8 activations (blocks of
+    """torch.ops.mamp.packed_linear_int8_cpu on a PackedWeight or TiledWeight: int8 activations (blocks of
     cpu_matmul.ACT_BLOCK inputs) x codes in integer instructions for M <= cpu_matmul.INT8_MAX_M and h = b;
     otherwise the float kernel."""
     s = packed.spec

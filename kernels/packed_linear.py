@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor, untile_tensor
 from mamp.kernels.dispatch import choose_kernel
 from mamp.kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned
 from mamp.kernels.reference import packed_matmul_reference
+
+TILED_KERNELS = ("cpu-int8", "cpu")  # the C++ kernels, which read the column-tiled layout (kernels/cpu_layout.py)
 
 
 class PackedLinear(nn.Module):
@@ -41,14 +44,32 @@ class PackedLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
+        """The packed tensors in the checkpoint's row-major layout (a copy while the layer is column-tiled)."""
+        if self.tiled:
+            return TiledWeight(self.spec, **{name: getattr(self, name) for name in TENSOR_NAMES}).untile()
         return PackedWeight(self.spec, **{name: getattr(self, name) for name in TENSOR_NAMES})
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the buffers hold the column-tiled layout of the CPU kernels (set at load)."""
+        return bool(self.__dict__.get("_tiled"))
+
+    def _untile(self) -> None:
+        if self.tiled:
+            for name in TENSOR_NAMES:
+                self._buffers[name] = untile_tensor(self._buffers[name])
+            self.__dict__["_tiled"] = False
+            self.__dict__.pop("_view", None)
 
     def process_after_loading(self) -> None:
         """Make the layer ready to serve where its buffers now are: align CPU buffers on cache lines (a tensor
         read from a safetensors file starts wherever the header left it, 8-byte steps; the CPU kernels ran 1.7x
         slower on packed words 8 bytes off a cache line: SmolLM2 MLP, M = 1, 1.43 vs 0.86 ms), then choose the
-        kernel once (kernels/dispatch.py: refused kernels are logged with their reason). Runs again after every
-        .to() / .cuda() (see _apply), so forward never selects."""
+        kernel once (kernels/dispatch.py: refused kernels are logged with their reason); for the C++ CPU kernels
+        rearrange the buffers into the column-tiled layout they stream fastest (in place of the row-major ones,
+        when out_features % 16 == 0). Runs again after every .to() / .cuda() (see _apply), so forward never
+        selects."""
+        self._untile()
         for name in (*TENSOR_NAMES, "bias"):
             t = self._buffers.get(name)
             if t is not None and not t.is_meta:
@@ -57,13 +78,33 @@ class PackedLinear(nn.Module):
             self.__dict__.pop("_kernel", None)
             self.__dict__.pop("_view", None)
             return
-        self.__dict__["_view"] = self.packed  # holds the buffers, no copy
-        self.__dict__["_kernel"] = choose_kernel(self.spec, self.qweight.device, layer=self.extra_repr())
+        kernel = choose_kernel(self.spec, self.qweight.device, layer=self.extra_repr())
+        self.__dict__["_kernel"] = kernel
+        if kernel.name in TILED_KERNELS and can_tile(self.spec):
+            for name in TENSOR_NAMES:
+                self._buffers[name] = aligned(tile_tensor(self._buffers[name]))
+            self.__dict__["_tiled"] = True
+            self.__dict__["_view"] = TiledWeight(self.spec, **{n: self._buffers[n] for n in TENSOR_NAMES})
+        else:
+            self.__dict__["_view"] = self.packed  # holds the buffers, no copy
 
     def _apply(self, fn, recurse=True):
+        self._untile()  # moves and casts see the checkpoint's layout; the kernel (and layout) are chosen again
         out = super()._apply(fn, recurse)
         self.process_after_loading()
         return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:  # a state_dict is the checkpoint's format, whatever the kernel reads
+            for name in TENSOR_NAMES:
+                destination[prefix + name] = untile_tensor(self._buffers[name])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._untile()  # row-major tensors load into row-major buffers; forward tiles again (identity check)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def kernel_name(self) -> str:

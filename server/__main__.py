@@ -29,6 +29,9 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--log-level", default=d.log_level)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads for the model (default: all cores; at batch 1 one thread is as fast on 2 cores)")
+    p.add_argument("--cpu-activations", choices=["auto", "int8", "float"], default=d.cpu_activations,
+                   help="CPU decode kernel for h = b layers: int8 activations with integer dot products, or fp32 "
+                        "(auto: $MAMP_CPU_ACTIVATIONS, else int8)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies larger than this get 413 before they are read (0: no limit)")
     p.add_argument("--no-verify", dest="verify", action="store_false",

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+CpuActivations = Literal["auto", "int8", "float"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class ServerConfig:
     verify: bool = True             # check the checkpoint's files against its manifest (sizes, sha256) at load
     max_request_bytes: int = 4 << 20  # larger request bodies get 413 before they are read; 0: no limit
     threads: Optional[int] = None   # torch CPU threads; None: torch's default (all cores)
+    # Decode activations of the CPU kernel for h = b layers: int8 (integer dot products) or float; auto keeps
+    # MAMP_CPU_ACTIVATIONS (default int8)
+    cpu_activations: CpuActivations = "auto"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -35,6 +39,8 @@ class ServerConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_request_bytes < 0:
             raise ValueError(f"max_request_bytes must be >= 0, got {self.max_request_bytes}")
+        if self.cpu_activations not in ("auto", "int8", "float"):
+            raise ValueError(f"cpu_activations must be auto, int8 or float, got {self.cpu_activations!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+
+from mamp.kernels import cpu_matmul
 
 from .batched_llama import BatchedLlama
 from .config import ServerConfig
@@ -41,6 +44,8 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
 
 
 def build_runtime(config: ServerConfig) -> Runtime:
+    if config.cpu_activations != "auto":  # read by the kernel choice at load (kernels/dispatch.py)
+        os.environ[cpu_matmul.ACTIVATIONS_ENV] = config.cpu_activations
     model, tokenizer, info = load_for_serving(config.model, config.device, config.dtype, verify=config.verify)
     max_len = config.max_model_len or info.max_position_embeddings
     if max_len > info.max_position_embeddings:

@@ -49,3 +49,20 @@ def test_packed_checkpoint_serves_like_its_hf_forward(start_server, packed_dir):
     _, _, bf16_info = load_for_serving(packed_dir, "cpu", "bfloat16")
     assert bf16_info.weight_bf16_bytes == info.weight_bf16_bytes
     assert 0.0 < bf16_info.saving_ratio < 1.0 and bf16_info.weight_bytes < info.weight_bytes
+
+
+def test_cpu_activations_flag_picks_the_float_kernel(start_server, packed_dir, monkeypatch):
+    from mamp.kernels import cpu_matmul
+    from mamp.server.__main__ import parse_args
+
+    assert parse_args(["--model", "m", "--cpu-activations", "float"]).cpu_activations == "float"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--cpu-activations", "fp8"])
+    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "int8")  # restored after the test: the flag sets it
+    server = start_server(model=str(packed_dir), served_model_name="tiny-float", cpu_activations="float")
+    text = httpx.get(server.url + "/metrics").text
+    kernels = {s.labels["kernel"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "mamp:kernel_layers"}
+    assert kernels == {"cpu": 14.0}
+    out = server.client().completions.create(model="tiny-float", prompt="Once upon a time", max_tokens=3)
+    assert out.usage.completion_tokens == 3
