@@ -4,8 +4,8 @@
 // per output column (AVX-512 VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd; a portable loop elsewhere). The packed
 // words are used as stored: a 32-bit word of column n holds 32/b codes of consecutive inputs, and masking it
 // with 0x0F0F0F0F (b = 4) or 0x03030303 (b = 2) after a shift of b*j leaves four codes, one per byte, of inputs
-// t*(8/b) + j (t = 0..3). The activations are stored in that order (permuted per word), so one broadcast
-// 32-bit load feeds all 16 columns.
+// t*(8/b) + j (t = 0..3); at b = 8 the word is four codes as it stands. The activations are stored in that
+// order (permuted per word), so one broadcast 32-bit load feeds all 16 columns.
 //
 // Per 16-row group the int32 sums go to the normal or the salient accumulators (the bitmap bit, as a lane mask);
 // a segment closes where a scale group, a salient scale group or an activation block ends:
@@ -80,7 +80,7 @@ std::vector<GroupInfo> group_info(int64_t Kp, int64_t gs, int64_t sgs, int64_t a
 template <int B, int MB>
 void tile_portable(const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy, const float* bias) {
   constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
-  constexpr uint32_t CM = B == 2 ? 0x03030303u : 0x0F0F0F0Fu;
+  constexpr uint32_t CM = B == 2 ? 0x03030303u : B == 4 ? 0x0F0F0F0Fu : 0xFFFFFFFFu;
   const int64_t N = L.N, G = L.Kp / GROUP;
   float acc[MB][NT] = {};
   int32_t sall[MB][NT] = {}, ssal[MB][NT] = {}, xsal[MB][NT] = {}, xall[MB] = {};
@@ -143,7 +143,7 @@ MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float
                          const float* bias) {
   constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
   const __mmask16 lanes = nt == NT ? __mmask16(0xFFFF) : __mmask16((1u << nt) - 1);
-  const __m512i cmask = _mm512_set1_epi32(B == 2 ? 0x03030303 : 0x0F0F0F0F);
+  const __m512i cmask = _mm512_set1_epi32(B == 2 ? 0x03030303 : B == 4 ? 0x0F0F0F0F : -1);
   const int64_t N = L.N, G = L.Kp / GROUP;
   __m512 acc[MB];
   __m512i sall[MB], ssal[MB], xsal[MB];
@@ -214,7 +214,7 @@ template <int B, int MB>
 MAMP_AVX2 void tile_avx2(const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
                          const float* bias) {
   constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
-  const __m256i cmask = _mm256_set1_epi32(B == 2 ? 0x03030303 : 0x0F0F0F0F);
+  const __m256i cmask = _mm256_set1_epi32(B == 2 ? 0x03030303 : B == 4 ? 0x0F0F0F0F : -1);
   const int64_t N = L.N, G = L.Kp / GROUP;
   // Partial tiles read through zero-filled copies of the tile's columns.
   alignas(32) uint32_t wbuf[NT];
@@ -280,7 +280,16 @@ MAMP_AVX2 void tile_avx2(const Layer& L, const Act& A, int64_t n0, int nt, float
           int32_t xv;
           std::memcpy(&xv, A.q + m * A.ldq + r * VPW + 4 * e, 4);
           const __m256i xb = _mm256_set1_epi32(xv);
-          for (int h = 0; h < 2; ++h) t[m][h] = _mm256_add_epi32(t[m][h], dot4_avx2(c[h], xb));
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (B == 8) {  // 8-bit codes would saturate vpmaddubsw: two nibble dots, high one x 16
+              const __m256i nib = _mm256_set1_epi32(0x0F0F0F0F);
+              const __m256i lo = dot4_avx2(_mm256_and_si256(c[h], nib), xb);
+              const __m256i hi = dot4_avx2(_mm256_and_si256(_mm256_srli_epi32(c[h], 4), nib), xb);
+              t[m][h] = _mm256_add_epi32(t[m][h], _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4)));
+            } else {
+              t[m][h] = _mm256_add_epi32(t[m][h], dot4_avx2(c[h], xb));
+            }
+          }
         }
       }
     }
@@ -428,7 +437,7 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
                               int64_t small_m, int64_t scratch_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: [M, K] floating point");
   const int64_t M = x.size(0), K = x.size(1), N = mamp_cpu::out_features(qweight);
-  if (M > small_m || M == 0 || hbits != bits || (bits != 2 && bits != 4)) {
+  if (M > small_m || M == 0 || hbits != bits || (bits != 2 && bits != 4 && bits != 8)) {
     return packed_linear(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, c10::nullopt, bits, hbits,
                          group_size, salient_group_size, small_m, scratch_bytes);
   }
@@ -454,6 +463,7 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
   }
   at::Tensor y = at::empty({M, N}, xf.options());
   if (bits == 2) gemv_int8<2>(L, A, M, b, y.data_ptr<float>());
-  else gemv_int8<4>(L, A, M, b, y.data_ptr<float>());
+  else if (bits == 4) gemv_int8<4>(L, A, M, b, y.data_ptr<float>());
+  else gemv_int8<8>(L, A, M, b, y.data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -462,6 +462,7 @@ void dequant_block(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int64_t n
     else if (bits == 2 && hbits == 8) FN<2, 8>(__VA_ARGS__);            \
     else if (bits == 4 && hbits == 4) FN<4, 4>(__VA_ARGS__);            \
     else if (bits == 4 && hbits == 8) FN<4, 8>(__VA_ARGS__);            \
+    else if (bits == 8 && hbits == 8) FN<8, 8>(__VA_ARGS__);            \
     else TORCH_CHECK(false, "unsupported widths b=", bits, " h=", hbits); \
   } while (0)
 

@@ -63,8 +63,8 @@ def _cpu_int8_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     from mamp.kernels.cpu_matmul import ACTIVATIONS_ENV, cpu_activations
     if cpu_activations() != "int8":
         return False, f"float activations chosen ({ACTIVATIONS_ENV}=float)"
-    if spec.salient_bits != spec.bits or spec.bits not in (2, 4):
-        return False, f"integer kernel serves h = b in (2, 4), not b={spec.bits} h={spec.salient_bits}"
+    if spec.salient_bits != spec.bits:
+        return False, f"integer kernel serves h = b, not b={spec.bits} h={spec.salient_bits}"
     return _cpu_ext_ok(spec, device)
 
 

@@ -26,7 +26,7 @@ SCALE_DTYPE = torch.float16
 ZERO_DTYPE = torch.uint8
 # Smallest scale we store: keeps fp16 scales normal and finite for all-constant groups.
 MIN_SCALE = float(torch.finfo(torch.float16).tiny)
-BITS = (2, 4)  # allowed base widths b
+BITS = (2, 4, 8)  # allowed base widths b (8: sixteen 8-bit codes in 4 words per group, h = 8)
 SALIENT_BITS = (2, 4, 8)  # allowed salient widths h (h >= b)
 ALIGN = 64  # bytes: a cache line / AVX-512 vector; the CPU kernels want their tensors to start on one
 

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from mamp.quantizer.config import ASSIGNS, KEEP_DTYPES, METHODS, QuantSpec, SpecError
+from mamp.quantizer.config import ASSIGNS, BITS, KEEP_DTYPES, METHODS, SALIENT_BITS, QuantSpec, SpecError
 
 DEFAULTS = QuantSpec.build()
 
@@ -25,8 +25,8 @@ def build_parser(prog: str = "python -m mamp.quantizer") -> argparse.ArgumentPar
     p.add_argument("model", help="local HF folder or hub id (Llama, Mistral, Qwen2, SmolLM)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
-    p.add_argument("--bits", type=int, choices=(2, 4), default=DEFAULTS.bits)
-    p.add_argument("--salient-bits", type=int, choices=(2, 4, 8), default=None,
+    p.add_argument("--bits", type=int, choices=BITS, default=DEFAULTS.bits)
+    p.add_argument("--salient-bits", type=int, choices=SALIENT_BITS, default=None,
                    help="width of a salient code, each the mean of salient_bits/bits weights (default: bits; "
                         "the paper's encoding is --bits 2 --salient-bits 8)")
     p.add_argument("--salient-fraction", type=float, default=None,

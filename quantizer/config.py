@@ -16,12 +16,13 @@ __all__ = ["ASSIGNS", "BITS", "KEEP_DTYPES", "METHODS", "SALIENT_BITS", "QuantSp
 # Default salient-code width per base width, chosen by measurement (benchmarks/quality.py, SmolLM2-135M, reference
 # protocol): h = b, i.e. salient groups keep full resolution on a grid of their own. The paper's mean-of-4 8-bit
 # codes (h = 8 at b = 2) lose to plain GPTQ by orders of magnitude there; it stays available as --salient-bits 8.
-DEFAULT_SALIENT_BITS = {2: 2, 4: 4}
+DEFAULT_SALIENT_BITS = {2: 2, 4: 4, 8: 8}
 # Default salient fraction per base width (same measurements): 25% of the groups at b = 2 (10%: 176, 25%: 172,
 # 50%: 203 perplexity, GPTQ 303), 5% at b = 4 (5%: 29.0, 25%: 30.1, GPTQ 30.0), with the saliency assignment.
 # With the error assignment (the mamp default) the fraction only seeds the joint fit: 10% and 25% starts gave
 # 164.5 and 163.9 at b = 2.
-DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05}
+# b = 8 (256 levels per grid) takes b = 4's fraction, not measured separately.
+DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05, 8: 0.05}
 PAPER_SALIENT_BITS = 8  # the paper's encoding: four 8-bit means of 4 weights per 16-weight group
 
 

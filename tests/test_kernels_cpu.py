@@ -14,7 +14,7 @@ from mamp.kernels.packing import PackSpec, dequantize
 from mamp.kernels.reference import packed_matmul_reference
 from tests.helpers import TOL, check_close, make_case, make_x, random_packed
 
-WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # h = b takes the one-decode path
+WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]  # h = b takes the one-decode path
 SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128; 13*16 and 3*128
 FRACS = [0.0, 0.04, 0.5, 1.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

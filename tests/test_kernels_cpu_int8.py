@@ -43,7 +43,7 @@ def _relerr(y, ref):
     return float((y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-6))
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("groups", GROUPS, ids=lambda g: f"g{g[0]}s{g[1]}")
 def test_int8_kernel_matches_its_reference(isa, bits, groups):
     for i, (k, n) in enumerate(SHAPES):

@@ -26,7 +26,7 @@ RUN_HERE = INTERPRET or ON_GPU
 DEVICE = "cuda" if ON_GPU else "cpu"
 needs_triton = pytest.mark.skipif(not RUN_HERE, reason="run via test_triton_kernels_interpreted (no GPU)")
 
-WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # h = b: one code width
+WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]  # h = b: one code width
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128 x 5*16; 13*16 x 3*128
 FRACS = [0.0, 0.04, 0.5, 1.0]

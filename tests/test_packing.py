@@ -6,7 +6,7 @@ from mamp.kernels.packing import (GROUP, PackedWeight, PackSpec, affine_grid, de
                              pack_bitmap, quantize_affine, unpack, unpack_bitmap)
 from tests.helpers import random_packed
 
-WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]
+WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]
 SHAPES = [(16, 1), (172, 5), (176, 48), (128, 3), (400, 17), (64 * 3 + 16, 7)]
 
 
@@ -89,6 +89,10 @@ def test_spec_validation_and_bits_per_weight():
         PackSpec(64, 8, bits=3)
     with pytest.raises(ValueError):
         PackSpec(64, 8, bits=4, salient_bits=2)
+    with pytest.raises(ValueError):
+        PackSpec(64, 8, bits=8, salient_bits=4)  # h >= b: b = 8 takes h = 8
+    # b = 8: sixteen 8-bit codes in 4 words per group, plus the same metadata as the other widths.
+    assert PackSpec(4096, 4096, bits=8, salient_bits=8).bits_per_weight() == pytest.approx(8 + 1 / 16 + 48 / 128)
     with pytest.raises(ValueError):
         PackSpec(64, 8, group_size=24)
     spec = PackSpec(4096, 4096, bits=2, salient_bits=8, group_size=128, salient_group_size=128)
