@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mamp.kernels.half_linear import HALF_DTYPES, HalfEmbedding, HalfLinear
-from mamp.kernels.packed_linear import PackedLinear
+from mamp.kernels.packed_linear import PackedEmbedding, PackedLinear
 from mamp.kernels.packing import BITS, SALIENT_BITS, TENSOR_NAMES, PackSpec
 
 QUANT_METHOD = "mamp"  # quantization_config.quant_method: how HF-style loaders recognise the format
@@ -303,7 +303,7 @@ def _wrap_sixteen_bit_tables(model: nn.Module, dtype: torch.dtype, tied: bool) -
     head = model.get_output_embeddings()
     if tied and isinstance(emb, HalfEmbedding):
         model.set_output_embeddings(HalfLinear(emb.weight, getattr(head, "bias", None)))
-    elif head is not None and head.weight.dtype in HALF_DTYPES:
+    elif head is not None and not isinstance(head, PackedLinear) and head.weight.dtype in HALF_DTYPES:
         model.set_output_embeddings(HalfLinear(head.weight, head.bias))
 
 
@@ -375,6 +375,12 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
                                   f"{spec.out_features}x{spec.in_features} in quantization_config")
         _set_module(model, name, PackedLinear(spec, bias=f"{name}.bias" in state, dtype=dtype, device="meta"))
         packed_keys.update(packed_tensor_names(name))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings()
+    packed_head = tied and isinstance(head, PackedLinear)
+    if packed_head:  # the file holds one packed copy for lm_head and embedding: look rows up from it
+        emb = model.get_input_embeddings()
+        model.set_input_embeddings(PackedEmbedding(head, dtype, getattr(emb, "padding_idx", None)))
     keep16 = _sixteen_bit_tables(model, state, dtype)
     for k, v in state.items():
         if k not in packed_keys and k not in keep16 and v.is_floating_point():
@@ -386,8 +392,7 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32, verify:
     state.clear()  # the model holds the tensors now: no second reference while layers re-lay them out below
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
+    if tied and not packed_head:
         model.tie_weights()
     if keep16:
         _wrap_sixteen_bit_tables(model, dtype, tied=tied)

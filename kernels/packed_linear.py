@@ -1,12 +1,14 @@
 """PackedLinear: an nn.Module holding the packed tensors as buffers and multiplying straight from them."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor, untile_tensor
 from mamp.kernels.dispatch import choose_kernel
-from mamp.kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned
+from mamp.kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned, dequantize
 from mamp.kernels.reference import packed_matmul_reference
 
 TILED_KERNELS = ("cpu-int8", "cpu")  # the C++ kernels, which read the column-tiled layout (kernels/cpu_layout.py)
@@ -128,6 +130,47 @@ class PackedLinear(nn.Module):
         s = self.spec
         return (f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, "
                 f"salient_bits={s.salient_bits}, group_size={s.group_size}, bias={self.bias is not None}")
+
+
+def _columns(t: torch.Tensor, cols: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """Columns `cols` of a packed tensor [rows, N] (or its column-tiled [N/16, rows, 16]) as [rows, len(cols)]."""
+    if tiled:
+        return t[cols // 16, :, cols % 16].t().contiguous()
+    return t[:, cols].contiguous()
+
+
+class PackedEmbedding(nn.Module):
+    """The input embedding of a model whose lm_head is packed and tied to it: row t of the table is column t of
+    the lm_head's packed weight, read straight from its words (one copy serves both; nothing stored here).
+
+    PackedEmbedding(head, compute_dtype=torch.float32, padding_idx=None); forward(ids) -> [*ids.shape, dim] in
+    compute_dtype, exactly the dequantized rows (kernels.packing.dequantize on the gathered columns).
+    """
+
+    def __init__(self, head: PackedLinear, compute_dtype: torch.dtype = torch.float32,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.__dict__["head"] = head  # not a submodule: the model owns it as its lm_head (state_dict once)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx = padding_idx
+        self.compute_dtype = compute_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        flat = ids.reshape(-1)
+        if flat.numel() == 0:
+            return torch.zeros(*ids.shape, self.embedding_dim, dtype=self.compute_dtype, device=ids.device)
+        if int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings:
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}.."
+                             f"{int(flat.max())}")
+        cols = {name: _columns(getattr(head, name), flat, head.tiled) for name in TENSOR_NAMES}
+        spec = dataclasses.replace(head.spec, out_features=flat.numel())
+        rows = dequantize(PackedWeight(spec, **cols))  # [len(ids), dim] fp32
+        return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, reads the packed lm_head "
+                f"(bits={self.head.spec.bits}), compute_dtype={self.compute_dtype}")
 
 
 def weight_memory(model: nn.Module) -> tuple[int, int]:

@@ -40,6 +40,9 @@ def build_parser(prog: str = "python -m mamp.quantizer") -> argparse.ArgumentPar
                    help="least-squares refit of the scales after the solver (default: on for mamp, off for gptq/rtn)")
     p.add_argument("--keep-dtype", choices=KEEP_DTYPES, default=DEFAULTS.keep_dtype,
                    help="dtype of the tensors left unquantized (embeddings, lm_head, norms)")
+    p.add_argument("--head-bits", type=int, choices=(0, *BITS), default=DEFAULTS.head_bits,
+                   help="pack the lm_head too at this width (round-to-nearest with clipping; a tied embedding reads "
+                        "the same packed copy); 0 keeps it in --keep-dtype")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration text file, or c4")
     p.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples)
     p.add_argument("--seqlen", type=int, default=DEFAULTS.seqlen)
@@ -66,7 +69,8 @@ def spec_from_args(a) -> QuantSpec:
     return QuantSpec.build(method=a.method, bits=a.bits, salient_bits=a.salient_bits, top_k=a.top_k,
                      group_size=a.group_size, salient_group_size=a.salient_group_size, mse_clip=not a.no_mse_clip,
                      true_sequential=not a.no_true_sequential, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
-                     seed=a.seed, assign=a.assign, keep_dtype=a.keep_dtype, refit=a.refit, **kw)
+                     seed=a.seed, assign=a.assign, keep_dtype=a.keep_dtype, refit=a.refit, head_bits=a.head_bits,
+                     **kw)
 
 
 def run(a) -> int:

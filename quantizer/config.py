@@ -55,6 +55,9 @@ class QuantSpec:
     # Embeddings, lm_head, norms (everything not quantized) are stored in this dtype; the fake-quantized model is
     # rounded to it too, so evaluation sees exactly what the checkpoint holds.
     keep_dtype: str = "bfloat16"
+    # Pack the lm_head too (round-to-nearest with the clipping search; with tied embeddings the one packed copy
+    # serves the embedding lookup as well): 0 keeps it in keep_dtype; 8 or 4 bits (h = b).
+    head_bits: int = 0
     calib: str = "c4"  # a text file or "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -96,6 +99,8 @@ class QuantSpec:
             raise SpecError(f"salient bits must be one of {SALIENT_BITS}, got {self.salient_bits}")
         if self.salient_bits < self.bits:
             raise SpecError(f"salient bits ({self.salient_bits}) must be >= bits ({self.bits})")
+        if self.head_bits not in (0, *BITS):
+            raise SpecError(f"head bits must be 0 (keep 16-bit) or one of {BITS}, got {self.head_bits}")
         if self.keep_dtype not in KEEP_DTYPES:
             raise SpecError(f"keep dtype must be one of {KEEP_DTYPES}, got {self.keep_dtype!r}")
         if self.assign not in ASSIGNS:

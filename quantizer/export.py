@@ -37,10 +37,13 @@ def state_tensors(qm) -> dict[str, torch.Tensor]:
         if qm.biases.get(name) is not None:
             tensors[f"{name}.bias"] = qm.biases[name].detach().cpu().contiguous()
     skip = {f"{name}.{t}" for name in qm.packed for t in ("weight", "bias")}
+    # A packed lm_head tied to the embedding: the packed copy serves both (kernels/checkpoint.py re-creates the
+    # lookup), so the table is not stored again.
+    packed_ptrs = {qm.model.get_submodule(name).weight.data_ptr() for name in qm.packed}
     keep = getattr(torch, qm.spec.keep_dtype)  # untouched tensors: 16-bit unless asked otherwise
     seen = set()
     for key, v in qm.model.state_dict(keep_vars=False).items():
-        if key in skip:
+        if key in skip or v.data_ptr() in packed_ptrs:
             continue
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         if ptr in seen:  # tied (lm_head = embed_tokens): stored once, re-tied from the config on load

@@ -245,17 +245,43 @@ def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | No
             result.biases[prefix + n] = None if b is None else b.detach().clone()
         bar.update(1)
     bar.close()
+    if spec.head_bits:
+        t1 = time.time()
+        p = quantize_head(model, spec)
+        result.packed[HEAD_NAME] = p
+        result.biases[HEAD_NAME] = None
+        result.stats.append(LinearStats(len(layers), HEAD_NAME, 0, p.spec.n_groups * p.spec.out_features,
+                                        time.time() - t1))
     round_untouched(model, result.packed, getattr(torch, spec.keep_dtype))
     result.seconds = time.time() - t0
     return result
+
+
+HEAD_NAME = "lm_head"
+
+
+def quantize_head(model: nn.Module, spec: QuantSpec) -> PackedWeight:
+    """Pack the output projection at spec.head_bits (h = b, no salient groups, round-to-nearest with the clipping
+    search: no Hessian of the final hidden states is collected) and replace its weight by the dequantized one;
+    with tied embeddings that is the embedding table too, as the checkpoint then stores one packed copy."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise UnsupportedModel("--head-bits needs an lm_head without bias")
+    w = head.weight.detach().float()
+    pspec = PackSpec(w.shape[1], w.shape[0], bits=spec.head_bits, salient_bits=spec.head_bits,
+                     group_size=spec.group_size, salient_group_size=spec.salient_group_size)
+    res = solve(w, None, pspec, None, mse_clip=spec.mse_clip)
+    head.weight.data.copy_(res.weight.to(head.weight.dtype))
+    return res.packed
 
 
 def round_untouched(model: nn.Module, packed: dict, dtype: torch.dtype) -> None:
     """Round every floating parameter not replaced by a packed layer to `dtype` (kept in its own dtype), so the
     fake-quantized model equals what the checkpoint stores (quantizer/export.py casts them to `dtype`)."""
     skip = {f"{name}.{t}" for name in packed for t in ("weight", "bias")}
+    packed_ptrs = {model.get_submodule(name).weight.data_ptr() for name in packed}  # a tied embedding: packed too
     for name, p in model.named_parameters():
-        if name not in skip and p.is_floating_point() and p.dtype != dtype:
+        if name not in skip and p.data_ptr() not in packed_ptrs and p.is_floating_point() and p.dtype != dtype:
             p.data.copy_(p.data.to(dtype))
 
 

@@ -24,6 +24,9 @@ def summarize(qm, seconds: float | None = None) -> dict:
     bias = sum(b.numel() for b in qm.biases.values() if b is not None)
     quantized_names = set(qm.packed)
     other, seen = 0, set()
+    for name in quantized_names:  # a tied embedding shares a packed lm_head's weight: counted with it
+        w = qm.model.get_submodule(name).weight
+        seen.add((w.untyped_storage().data_ptr(), w.numel()))
     for name, mod in qm.model.named_modules():
         if name in quantized_names:
             continue
