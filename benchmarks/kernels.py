@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mamp.kernels.cpu_matmul import int8_isa  # noqa: E402
 from mamp.kernels.dispatch import packed_matmul  # noqa: E402
+from mamp.kernels.packed_linear import PackedLinear  # noqa: E402
 from mamp.kernels.half_linear import half_matmul  # noqa: E402
 from mamp.kernels.packing import PackSpec, PackedWeight, pack  # noqa: E402
 
@@ -222,8 +224,11 @@ def run(a: BenchArgs) -> list[dict]:
         packed = random_packed(spec, a.salient_frac, a.device)
         if device.type == "cuda":
             rows += _vs_linear_cuda(a, device, act, k, n, packed, copy_bw)
-        else:
-            rows += _vs_linear(a, device, act, k, n, lambda xa: packed_matmul(xa, packed))
+        else:  # as served: a PackedLinear, its kernel (and the CPU's column-tiled layout) chosen at load
+            layer = PackedLinear.from_packed(packed)
+            print(f"{k} x {n}: kernel {layer.kernel_name}{' (column-tiled)' if layer.tiled else ''}"
+                  f"{', integer path ' + str(int8_isa()) if layer.kernel_name == 'cpu-int8' else ''}", flush=True)
+            rows += _vs_linear(a, device, act, k, n, layer)
     if copy_bw is not None:
         print(f"\ncopy bandwidth ({torch.cuda.get_device_name(device)}): {copy_bw:.0f} GB/s")
     return rows

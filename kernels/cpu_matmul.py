@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 SMALL_M = 16  # streaming kernel up to this M; above, dequantize column blocks + BLAS (measured crossover)
 SCRATCH_BYTES = 4 << 20  # prefill: fp32 scratch per dequantized column block (all K rows x nb columns)
 TORCH_K_TILE = 1024  # rows per tile in the torch fallback
-ACT_BLOCK = 128  # inputs per int8 activation scale in the integer-dot kernel (cpu_int8_matmul.cpp)
+# Inputs per int8 activation scale in the integer-dot kernel (cpu_int8_matmul.cpp), chosen by measurement
+# (docs/RESULTS.md, SmolLM2 b = 4 with an 8-bit lm_head, reference protocol, vs fp32 activations): 32: +0.44 %
+# perplexity, 64: +0.62 %, 128: +1.01 %; the 210 decoder linears at M = 16 took 32.2 / 27.6 / 25.6 ms (M = 1: equal).
+ACT_BLOCK = 64
 INT8_MAX_M = SMALL_M  # rows up to which the integer kernel serves; above, the float kernel (prefill)
 # Which decode kernel serves h = b layers on the CPU: "int8" (integer dot products, activations quantized per
 # block) or "float" (fp32 activations). Read when a layer chooses its kernel (at load).

@@ -40,9 +40,9 @@ def build_parser(prog: str = "python -m mamp.quantizer") -> argparse.ArgumentPar
                    help="least-squares refit of the scales after the solver (default: on for mamp, off for gptq/rtn)")
     p.add_argument("--keep-dtype", choices=KEEP_DTYPES, default=DEFAULTS.keep_dtype,
                    help="dtype of the tensors left unquantized (embeddings, lm_head, norms)")
-    p.add_argument("--head-bits", type=int, choices=(0, *BITS), default=DEFAULTS.head_bits,
+    p.add_argument("--head-bits", type=int, choices=(0, *BITS), default=None,
                    help="pack the lm_head too at this width (round-to-nearest with clipping; a tied embedding reads "
-                        "the same packed copy); 0 keeps it in --keep-dtype")
+                        "the same packed copy); 0 keeps it in --keep-dtype (default: 8 for mamp, 0 for gptq/rtn)")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration text file, or c4")
     p.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples)
     p.add_argument("--seqlen", type=int, default=DEFAULTS.seqlen)

@@ -23,6 +23,10 @@ DEFAULT_SALIENT_BITS = {2: 2, 4: 4, 8: 8}
 # 164.5 and 163.9 at b = 2.
 # b = 8 (256 levels per grid) takes b = 4's fraction, not measured separately.
 DEFAULT_SALIENT_FRACTION = {2: 0.25, 4: 0.05, 8: 0.05}
+# Measured (docs/RESULTS.md, SmolLM2 b = 4, reference protocol): an 8-bit lm_head costs nothing (28.60 vs 28.61
+# with the 16-bit table), shrinks the checkpoint from 116 to 90 MB and the lm_head's decode time about 5x; 4 bits
+# cost 20 % perplexity (34.26).
+DEFAULT_HEAD_BITS = 8
 PAPER_SALIENT_BITS = 8  # the paper's encoding: four 8-bit means of 4 weights per 16-weight group
 
 
@@ -56,7 +60,8 @@ class QuantSpec:
     # rounded to it too, so evaluation sees exactly what the checkpoint holds.
     keep_dtype: str = "bfloat16"
     # Pack the lm_head too (round-to-nearest with the clipping search; with tied embeddings the one packed copy
-    # serves the embedding lookup as well): 0 keeps it in keep_dtype; 8 or 4 bits (h = b).
+    # serves the embedding lookup as well): 0 keeps it in keep_dtype; 8 or 4 bits (h = b). build() defaults to
+    # DEFAULT_HEAD_BITS for mamp and 0 for the baselines (as GPTQ is usually reported).
     head_bits: int = 0
     calib: str = "c4"  # a text file or "c4"
     nsamples: int = 128
@@ -66,11 +71,12 @@ class QuantSpec:
     @classmethod
     def build(cls, method: str = "mamp", bits: int = 2, salient_bits: int | None = None,
               salient_fraction: float | None = None, top_k: int | None = None, assign: str | None = None,
-              refit: bool | None = None, **rest) -> "QuantSpec":
+              refit: bool | None = None, head_bits: int | None = None, **rest) -> "QuantSpec":
         """A QuantSpec with the defaults that depend on the others filled in: salient_bits
         DEFAULT_SALIENT_BITS[bits] (mamp) or bits (baselines); salient_fraction DEFAULT_SALIENT_FRACTION[bits];
         assign "error" for mamp with salient groups and equal group sizes (measured best), else "saliency";
-        refit on for mamp, off for the baselines. The baselines store no salient groups."""
+        refit on for mamp, off for the baselines; head_bits DEFAULT_HEAD_BITS for mamp, 0 (16-bit lm_head) for the
+        baselines. The baselines store no salient groups."""
         if method not in METHODS:
             raise SpecError(f"method must be one of {METHODS}, got {method!r}")
         if bits not in BITS:
@@ -81,6 +87,8 @@ class QuantSpec:
             salient_fraction = DEFAULT_SALIENT_FRACTION[bits]
         if refit is None:
             refit = method == "mamp"
+        if head_bits is None:
+            head_bits = DEFAULT_HEAD_BITS if method == "mamp" else 0
         if method != "mamp":  # baselines: the format still carries the bitmap and the second grid, unused
             salient_fraction, top_k, assign = 0.0, None, "saliency"
         if assign is None:
@@ -88,7 +96,7 @@ class QuantSpec:
             equal_groups = rest.get("group_size", 128) == rest.get("salient_group_size", 128)
             assign = "error" if method == "mamp" and uses_salient and equal_groups else "saliency"
         return cls(method=method, bits=bits, salient_bits=salient_bits, salient_fraction=salient_fraction,
-                   top_k=top_k, assign=assign, refit=refit, **rest)
+                   top_k=top_k, assign=assign, refit=refit, head_bits=head_bits, **rest)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

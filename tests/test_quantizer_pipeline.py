@@ -26,12 +26,13 @@ def _inference():
         yield
 
 
+# head_bits=0: these cases check the 16-bit tables; tests/test_quantizer_head.py covers the packed lm_head.
 SPECS = [
-    QuantSpec.build(method="mamp", bits=2, salient_bits=8, salient_fraction=0.1, group_size=32, salient_group_size=32),
-    QuantSpec.build(method="mamp", bits=2, salient_bits=2, salient_fraction=0.1),
-    QuantSpec.build(method="mamp", bits=2, salient_bits=2, salient_fraction=0.25, assign="error", keep_dtype="float16"),
-    QuantSpec.build(method="mamp", bits=4, salient_bits=4, top_k=3, group_size=64),
-    QuantSpec.build(method="mamp", bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False, assign="saliency"),
+    QuantSpec.build(method="mamp", head_bits=0, bits=2, salient_bits=8, salient_fraction=0.1, group_size=32, salient_group_size=32),
+    QuantSpec.build(method="mamp", head_bits=0, bits=2, salient_bits=2, salient_fraction=0.1),
+    QuantSpec.build(method="mamp", head_bits=0, bits=2, salient_bits=2, salient_fraction=0.25, assign="error", keep_dtype="float16"),
+    QuantSpec.build(method="mamp", head_bits=0, bits=4, salient_bits=4, top_k=3, group_size=64),
+    QuantSpec.build(method="mamp", head_bits=0, bits=4, salient_bits=8, salient_fraction=0.05, true_sequential=False, assign="saliency"),
     QuantSpec.build(method="gptq", bits=2, mse_clip=False),
     QuantSpec.build(method="rtn", bits=4, keep_dtype="float32"),
 ]
