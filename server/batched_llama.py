@@ -116,4 +116,5 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
     """The activations' dtype: the embedding's output dtype (packed weights are integer tensors; a 16-bit table
     kept under fp32 compute says so in HalfEmbedding.compute_dtype)."""
     emb = model.model.embed_tokens
-    return getattr(emb, "compute_dtype", emb.weight.dtype)
+    dtype = getattr(emb, "compute_dtype", None)  # HalfEmbedding, PackedEmbedding (which has no weight)
+    return dtype if dtype is not None else emb.weight.dtype

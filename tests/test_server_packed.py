@@ -66,3 +66,38 @@ def test_cpu_activations_flag_picks_the_float_kernel(start_server, packed_dir, m
     assert kernels == {"cpu": 14.0}
     out = server.client().completions.create(model="tiny-float", prompt="Once upon a time", max_tokens=3)
     assert out.usage.completion_tokens == 3
+
+
+def test_packed_head_checkpoint_serves_like_its_hf_forward(start_server, tiny_llama_dir, tmp_path_factory):
+    """mamp's default packs the lm_head at 8 bits; with the tiny Llama's tied table the embedding reads the same
+    packed copy (PackedEmbedding): the server generates what the loaded model's HF forward gives."""
+    from transformers import AutoTokenizer
+
+    from mamp.kernels.packed_linear import PackedEmbedding, PackedLinear
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import quantize_model
+    from mamp.server.model_loader import load_for_serving
+
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama(128, tie=True)  # a tied table, like SmolLM2's
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64, head_bits=8)
+    out = tmp_path_factory.mktemp("tiny-head") / "ckpt"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    save_quantized(quantize_model(model, spec, None, progress=False), tok, out)
+    loaded, tok, info = load_for_serving(out, "cpu", "float32")
+    assert isinstance(loaded.lm_head, PackedLinear) and isinstance(loaded.model.embed_tokens, PackedEmbedding)
+    ids = tok("Once upon a time").input_ids
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(loaded(torch.tensor([ids])).logits[0, -1].argmax()))
+    server = start_server(model=str(out), served_model_name="tiny-head")
+    got = server.client().completions.create(model="tiny-head", prompt="Once upon a time", max_tokens=4,
+                                             temperature=0, extra_body={"ignore_eos": True})
+    assert got.choices[0].text == tok.decode(ids, skip_special_tokens=True)[len("Once upon a time"):]
+    text = httpx.get(server.url + "/metrics").text
+    kernels = {s.labels["kernel"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "mamp:kernel_layers"}
+    assert kernels == {"cpu-int8": 15.0}  # 14 decoder linears + the lm_head
