@@ -16,7 +16,23 @@ do what the HF layer's forward does between them, op for op, so a staged layer e
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# HF's RMSNorm classes of the supported families: weight * (x * rsqrt(mean(x^2) + eps)), computed in fp32.
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x), as one fused F.rms_norm where that is bit-identical to the HF module (fp32 input and weight: its
+    sequence pow, mean, add eps, rsqrt, mul, mul gives the same bits; checked in tests/test_kernels_ops.py), else
+    the module itself. Five small ops fewer per norm on every decode step."""
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if (type(norm).__name__ in RMS_NORMS and x.dtype == torch.float32 and isinstance(w, torch.Tensor)
+            and w.dtype == torch.float32 and eps is not None):
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return norm(x)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +54,7 @@ class LlamaBlock:
         self.head_dim = head_dim or getattr(self.attn, "head_dim", None)
 
     def attn_in(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer.input_layernorm(x)
+        return rms_norm(self.layer.input_layernorm, x)
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h [B, T, hidden] (attn_in's output) -> q [B, H, T, D], k and v [B, KVH, T, D], RoPE applied with
@@ -59,7 +75,7 @@ class LlamaBlock:
         return x + self.attn.o_proj(core)
 
     def mlp_in(self, mid: torch.Tensor) -> torch.Tensor:
-        return self.layer.post_attention_layernorm(mid)
+        return rms_norm(self.layer.post_attention_layernorm, mid)
 
     def mlp_act(self, mlp_in: torch.Tensor) -> torch.Tensor:
         """The down_proj input: act_fn(gate_proj(h)) * up_proj(h), as the HF gated MLP computes it."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamp.kernels.llama_block import LlamaBlock
+from mamp.kernels.llama_block import LlamaBlock, rms_norm
 
 from .kv_cache import SlotKVCache
 
@@ -63,7 +63,7 @@ class BatchedLlama:
         return cos, sin
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(h)).float()
+        return self.model.lm_head(rms_norm(self.model.model.norm, h)).float()
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:

@@ -57,3 +57,19 @@ def test_torch_compile_calls_the_ops():
     x = torch.randn(5, 80)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_rms_norm_is_bit_identical_to_hf():
+    """kernels.llama_block.rms_norm replaces HF's RMSNorm by F.rms_norm only where the bits agree (fp32)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mamp.kernels.llama_block import rms_norm
+
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    for shape in ((1, 1, 576), (16, 1, 576), (3, 37, 576)):
+        x = torch.randn(*shape, generator=g) * 5
+        assert torch.equal(rms_norm(norm, x), norm(x))
+    xb = torch.randn(2, 576, generator=g).bfloat16()
+    assert torch.equal(rms_norm(norm, xb), norm(xb))  # bf16: the module itself runs
