@@ -45,13 +45,20 @@ class LlamaBlock:
     given."""
 
     def __init__(self, layer: nn.Module, num_heads: int | None = None, num_kv_heads: int | None = None,
-                 head_dim: int | None = None) -> None:
+                 head_dim: int | None = None, fuse: bool = False) -> None:
+        """fuse: call q/k/v and gate/up as one packed kernel call each where the layers allow it
+        (kernels.packed_linear.FusedPackedLinears; for serving: the fused weights are fixed from here on)."""
         self.layer = layer
         self.attn, self.mlp = layer.self_attn, layer.mlp
         config = getattr(self.attn, "config", None)
         self.num_heads = num_heads or getattr(config, "num_attention_heads", None)
         self.num_kv_heads = num_kv_heads or getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim or getattr(self.attn, "head_dim", None)
+        self.fused_qkv = self.fused_gate_up = None
+        if fuse:
+            from mamp.kernels.packed_linear import FusedPackedLinears
+            self.fused_qkv = FusedPackedLinears.fuse([self.attn.q_proj, self.attn.k_proj, self.attn.v_proj])
+            self.fused_gate_up = FusedPackedLinears.fuse([self.mlp.gate_proj, self.mlp.up_proj])
 
     def attn_in(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(self.layer.input_layernorm, x)
@@ -61,9 +68,13 @@ class LlamaBlock:
         cos, sin broadcastable to [B, 1, T, D]."""
         b, t, _ = h.shape
         attn = self.attn
-        q = attn.q_proj(h).view(b, t, self.num_heads, self.head_dim)
-        k = attn.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(h)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -79,6 +90,9 @@ class LlamaBlock:
 
     def mlp_act(self, mlp_in: torch.Tensor) -> torch.Tensor:
         """The down_proj input: act_fn(gate_proj(h)) * up_proj(h), as the HF gated MLP computes it."""
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(mlp_in)
+            return self.mlp.act_fn(gate) * up
         return self.mlp.act_fn(self.mlp.gate_proj(mlp_in)) * self.mlp.up_proj(mlp_in)
 
     def out(self, mid: torch.Tensor, act: torch.Tensor) -> torch.Tensor:

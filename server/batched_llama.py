@@ -50,7 +50,8 @@ class BatchedLlama:
         self.device, self.dtype = param.device, _compute_dtype(model)
         inv_freq, self.rope_scale = _rope_inv_freq(model, self.head_dim)
         self.inv_freq = inv_freq.to(self.device)
-        self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim) for layer in self.layers]
+        self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim, fuse=True)
+                       for layer in self.layers]
         self.cache = SlotKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
                                  max_model_len, self.device, self.dtype)
 

@@ -71,3 +71,26 @@ def test_a_layer_with_a_partial_tile_stays_row_major():
     packed, _ = random_packed(spec, 0.1, seed=5)
     layer = PackedLinear.from_packed(packed)
     assert not layer.tiled and layer.qweight.shape == packed.qweight.shape
+
+
+def test_fused_packed_linears_equal_the_layers_and_share_their_memory():
+    from mamp.kernels.packed_linear import FusedPackedLinears
+
+    specs = [PackSpec(208, n, bits=4, salient_bits=4) for n in (96, 32, 32)]
+    packs = [random_packed(s, 0.2, seed=i)[0] for i, s in enumerate(specs)]
+    mods = [PackedLinear.from_packed(p) for p in packs]
+    x = torch.randn(3, 208)
+    with torch.no_grad():
+        alone = [m(x) for m in mods]
+        fused = FusedPackedLinears.fuse(mods)
+        assert fused is not None and fused.splits == [96, 32, 32]
+        for y, ref in zip(fused(x), alone):
+            torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+        for m, ref, p in zip(mods, alone, packs):  # still serving alone, from views of the fused tensors
+            assert m.qweight.untyped_storage().data_ptr() == fused.view.qweight.untyped_storage().data_ptr()
+            torch.testing.assert_close(m(x), ref, rtol=1e-6, atol=1e-6)
+            assert all(torch.equal(m.state_dict()[k], v) for k, v in p.tensors().items())
+    with_bias = PackedLinear.from_packed(packs[1], torch.zeros(32))
+    assert FusedPackedLinears.fuse([mods[0], with_bias]) is None
+    other = PackedLinear.from_packed(random_packed(PackSpec(208, 32, bits=2, salient_bits=2), 0.2)[0])
+    assert FusedPackedLinears.fuse([mods[0], other]) is None
