@@ -65,7 +65,12 @@ def _cpu_int8_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
         return False, f"float activations chosen ({ACTIVATIONS_ENV}=float)"
     if spec.salient_bits != spec.bits:
         return False, f"integer kernel serves h = b, not b={spec.bits} h={spec.salient_bits}"
-    return _cpu_ext_ok(spec, device)
+    ok, reason = _cpu_ext_ok(spec, device)
+    if ok:
+        from mamp.kernels.cpu_matmul import int8_isa
+        if int8_isa() == "portable":  # measured 2-3x slower than the float kernel (docs/RESULTS.md)
+            return False, "no AVX2 or AVX-512 VNNI here: the integer kernel's portable loop is slower than fp32"
+    return ok, "cpu-int8" if ok else reason
 
 
 def _cpu_torch_matmul(x, packed, bias=None):

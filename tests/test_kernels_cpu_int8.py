@@ -122,6 +122,9 @@ def test_int8_opcheck():
 
 def test_dispatch_chooses_int8_for_h_equal_b_unless_float_is_asked(monkeypatch):
     monkeypatch.delenv(cpu_matmul.ACTIVATIONS_ENV, raising=False)
+    monkeypatch.delenv("MAMP_INT8_ISA", raising=False)
+    if cpu_matmul.int8_isa() == "portable":
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: the float kernel serves (see the test below)")
     assert dispatch.choose_kernel(PackSpec(64, 32, bits=4, salient_bits=4), "cpu").name == "cpu-int8"
     assert dispatch.choose_kernel(PackSpec(64, 32, bits=2, salient_bits=2), "cpu").name == "cpu-int8"
     assert dispatch.choose_kernel(PackSpec(64, 32, bits=2, salient_bits=8), "cpu").name == "cpu"
@@ -132,8 +135,16 @@ def test_dispatch_chooses_int8_for_h_equal_b_unless_float_is_asked(monkeypatch):
         dispatch.choose_kernel(PackSpec(64, 32, bits=4, salient_bits=4), "cpu")
 
 
+def test_without_simd_the_float_kernel_serves(monkeypatch):
+    monkeypatch.delenv(cpu_matmul.ACTIVATIONS_ENV, raising=False)
+    monkeypatch.setenv("MAMP_INT8_ISA", "portable")
+    kernel = dispatch.choose_kernel(PackSpec(64, 32, bits=4, salient_bits=4), "cpu")
+    assert kernel.name == "cpu"
+
+
 def test_packed_linear_serves_through_the_int8_kernel(monkeypatch):
     monkeypatch.delenv(cpu_matmul.ACTIVATIONS_ENV, raising=False)
+    monkeypatch.delenv("MAMP_INT8_ISA", raising=False)
     spec = PackSpec(208, 48, bits=4, salient_bits=4)
     packed, _ = random_packed(spec, 0.1, seed=3)
     bias = torch.randn(48)
