@@ -31,7 +31,10 @@ TORCH_K_TILE = 1024  # rows per tile in the torch fallback
 # (docs/RESULTS.md, SmolLM2 b = 4 with an 8-bit lm_head, reference protocol, vs fp32 activations): 32: +0.44 %
 # perplexity, 64: +0.62 %, 128: +1.01 %; the 210 decoder linears at M = 16 took 32.2 / 27.6 / 25.6 ms (M = 1: equal).
 ACT_BLOCK = 64
-INT8_MAX_M = SMALL_M  # rows up to which the integer kernel serves; above, the float kernel (prefill)
+# Rows up to which the integer kernel serves; above, the float kernel (dequantize column blocks + BLAS). The
+# integer kernel won at every M measured (docs/RESULTS.md, 2 threads: 1.5-2.1x at M = 1024 on SmolLM2 and Llama-7B
+# shapes, 5-13x at M = 17-64, where the float path dequantizes the whole layer for a few rows), so it takes all.
+INT8_MAX_M = 1 << 30
 # Which decode kernel serves h = b layers on the CPU: "int8" (integer dot products, activations quantized per
 # block) or "float" (fp32 activations). Read when a layer chooses its kernel (at load).
 ACTIVATIONS_ENV = "MAMP_CPU_ACTIVATIONS"

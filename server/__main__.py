@@ -23,6 +23,9 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--served-model-name", default=d.served_model_name, help="default: the folder's name")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting sequences before 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                   help="prompt tokens prefilled per engine step, before each decode step (chunked prefill: a long "
+                        "prompt delays running streams by one chunk per step)")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="default: the model's limit")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)

@@ -67,18 +67,27 @@ class BatchedLlama:
         return self.model.lm_head(rms_norm(self.model.model.norm, h)).float()
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Writes the prompt's K/V into `slot`; returns float32 logits [T, V] (all_logits) or [V] (last)."""
+    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
+        """Writes the K/V of token_ids, at positions start .. start + T - 1, into `slot` (whose positions before
+        `start` are cached: a chunk of a longer prompt); returns float32 logits [T, V] (all_logits) or [V] (last)."""
         t = len(token_ids)
-        self.cache.ensure_capacity(t)
+        end = start + t
+        self.cache.ensure_capacity(end)
         ids = torch.tensor([token_ids], device=self.device)
-        cos, sin = self._rope(torch.arange(t, device=self.device)[None])
+        cos, sin = self._rope(torch.arange(start, end, device=self.device)[None])
         h = self.model.model.embed_tokens(ids)
+        # A later chunk attends to the cached prefix and causally within itself: query i sees keys 0 .. start + i.
+        mask = None if start == 0 else (torch.arange(end, device=self.device)[None]
+                                        <= torch.arange(start, end, device=self.device)[:, None])
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
-            self.cache.k[i][slot, :, :t] = k[0]
-            self.cache.v[i][slot, :, :t] = v[0]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            self.cache.k[i][slot, :, start:end] = k[0]
+            self.cache.v[i][slot, :, start:end] = v[0]
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                keys, values = self.cache.k[i][slot:slot + 1, :, :end], self.cache.v[i][slot:slot + 1, :, :end]
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             mid = blk.mid(h, o.transpose(1, 2).reshape(1, t, -1))
             h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))
         return self._logits(h[0] if all_logits else h[0, -1])

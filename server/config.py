@@ -19,6 +19,10 @@ class ServerConfig:
     served_model_name: Optional[str] = None
     max_num_seqs: int = 16          # sequences decoded together in one batch
     max_queue: int = 256            # sequences admitted but waiting for a slot; beyond this -> 429
+    # Prompt tokens prefilled per engine step (chunked prefill), before each decode step; chosen by measurement
+    # (docs/RESULTS.md, benchmarks/prefill_stall.py): 32 kept running streams within 2 decode steps, the whole
+    # prompt at once stalled them 6-19 steps; 64 is between in stalls and in time to first token.
+    max_prefill_tokens: int = 64
     max_model_len: Optional[int] = None  # prompt + generation, tokens; None -> the model's own limit
     device: Device = "auto"
     dtype: DType = "auto"           # auto -> float32 on CPU, bfloat16 on CUDA
@@ -33,6 +37,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.threads is not None and self.threads < 1:

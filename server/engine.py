@@ -1,6 +1,11 @@
 """Continuous-batching engine: a background thread that admits sequences into KV-cache slots between decode
 steps, decodes all running sequences in one forward, and hands each token to a per-sequence callback.
-It knows token ids, text and timings; nothing of HTTP."""
+It knows token ids, text and timings; nothing of HTTP.
+
+Prompts are prefilled in chunks under a per-step token budget (max_prefill_tokens, like vLLM's
+max_num_batched_tokens): each step prefills at most that many prompt tokens, oldest admitted first, then
+decodes every running sequence, so a long prompt arriving delays the running streams by one chunk per step
+rather than by its whole prefill. (Prompts asking for prompt logprobs are prefilled whole.)"""
 from __future__ import annotations
 
 import heapq
@@ -50,6 +55,7 @@ class _Sequence:
     generator: Optional[torch.Generator] = None
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
+    prefilled: int = 0  # prompt tokens whose K/V are cached
     scheduled: float = 0.0
     first_token: Optional[float] = None
     last_token: float = 0.0
@@ -58,8 +64,12 @@ class _Sequence:
 
 class Engine:
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
-                 on_finished: Callable[[RequestStats], None] = lambda stats: None):
+                 on_finished: Callable[[RequestStats], None] = lambda stats: None, max_prefill_tokens: int = 64):
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.runner, self.tokenizer = runner, tokenizer
+        self.max_prefill_tokens = max_prefill_tokens
+        self._prefilling: deque[_Sequence] = deque()  # admitted (slot held), prompt not yet fully cached
         self.max_queue, self.max_model_len = max_queue, runner.max_model_len
         self.on_finished = on_finished
         self._cv = threading.Condition()
@@ -141,30 +151,58 @@ class Engine:
         for seq in aborted:
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
         for seq in admitted:
-            self._prefill(seq)
-        if self._running:
+            self._admit(seq)
+        self._prefill_chunks()
+        if any(s.output_ids for s in self._running.values()):
             self._decode()
 
-    def _prefill(self, seq: _Sequence) -> None:
+    def _admit(self, seq: _Sequence) -> None:
         seq.scheduled = time.monotonic()
         self._running[seq.slot] = seq
         self._live_tokens += len(seq.prompt_ids)
         try:
             self._check_prompt(seq.prompt_ids)
             seq.generator = make_generator(seq.params.seed, self.runner.device)
-            want_prompt = seq.params.prompt_logprobs is not None
-            logits = self.runner.prefill(seq.slot, seq.prompt_ids, all_logits=want_prompt)
-            prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
-            if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
-                self._finish(seq, "length", SeqOutput(None, "", "length", prompt_lps))
-                return
-            self._advance(seq, logits[-1] if want_prompt else logits, prompt_lps)
         except Exception as exc:  # a bad request must not take the engine down
-            logger.exception("prefill failed for sequence %d", seq.seq_id)
+            logger.exception("admission failed for sequence %d", seq.seq_id)
             self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+            return
+        self._prefilling.append(seq)
+
+    def _prefill_chunks(self) -> None:
+        """Prefills up to max_prefill_tokens prompt tokens, oldest admitted sequence first; a sequence whose
+        prompt is complete samples its first token and joins the decode batch."""
+        budget = self.max_prefill_tokens
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            if self._running.get(seq.slot) is not seq:  # aborted or ended meanwhile
+                self._prefilling.popleft()
+                continue
+            want_prompt = seq.params.prompt_logprobs is not None
+            left = len(seq.prompt_ids) - seq.prefilled
+            n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
+            try:
+                logits = self.runner.prefill(seq.slot, seq.prompt_ids[seq.prefilled:seq.prefilled + n],
+                                             all_logits=want_prompt, start=seq.prefilled)
+                seq.prefilled += n
+                budget -= n
+                if seq.prefilled < len(seq.prompt_ids):
+                    continue
+                self._prefilling.popleft()
+                prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
+                if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                    self._finish(seq, "length", SeqOutput(None, "", "length", prompt_lps))
+                    continue
+                self._advance(seq, logits[-1] if want_prompt else logits, prompt_lps)
+            except Exception as exc:  # a bad request must not take the engine down
+                logger.exception("prefill failed for sequence %d", seq.seq_id)
+                if self._prefilling and self._prefilling[0] is seq:
+                    self._prefilling.popleft()
+                self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
 
     def _decode(self) -> None:
-        seqs = sorted(self._running.values(), key=lambda s: s.slot)  # slot order: see BatchedLlama.decode
+        # Sequences with a first token (prefill complete), in slot order: see BatchedLlama.decode.
+        seqs = sorted((s for s in self._running.values() if s.output_ids), key=lambda s: s.slot)
         try:
             logits = self.runner.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
                                         [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs])

@@ -55,7 +55,8 @@ def build_runtime(config: ServerConfig) -> Runtime:
                 "packed mamp checkpoint" if info.quantized else "float checkpoint", info.device, info.dtype)
     runner = BatchedLlama(model, config.max_num_seqs, max_len)
     engine = Engine(runner, tokenizer, config.max_num_seqs, config.max_queue,
-                    on_finished=lambda stats: metrics.observe_finished(stats))
+                    on_finished=lambda stats: metrics.observe_finished(stats),
+                    max_prefill_tokens=config.max_prefill_tokens)
     metrics = ServerMetrics(config.model_name, info, engine.snapshot)
     ctx = ServingContext(engine, tokenizer, config.model_name, max_len, runner.vocab_size, _eos_ids(model, tokenizer))
     return Runtime(config, info, engine, metrics, CompletionService(ctx), ChatService(ctx), max_len)

@@ -24,8 +24,12 @@ DATA = Path(__file__).resolve().parent / "data"
 LEGACY = DATA / "legacy-v1-b4"
 
 
-def test_legacy_v1_checkpoint_loads_to_the_same_logits():
-    """Written by the code before the format had one owner (tests/data/README.md): same logits, bit for bit."""
+def test_legacy_v1_checkpoint_loads_to_the_same_logits(monkeypatch):
+    """Written by the code before the format had one owner (tests/data/README.md): same logits, bit for bit,
+    with the kernel that produced them (fp32 activations; the integer kernel's int8 activations differ)."""
+    from mamp.kernels import cpu_matmul
+
+    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "float")
     expected = load_file(str(DATA / "legacy-v1-b4.expected.safetensors"))
     model, tok = load_checkpoint(LEGACY)
     assert tok is None

@@ -85,10 +85,12 @@ def test_int8_error_is_the_activation_rounding():
 
 
 def test_int8_falls_back_to_the_float_kernel():
-    """M > small_m, and h != b (the paper's 8-bit means), take the float kernel: identical results."""
+    """M > small_m (the op's argument; the default, cpu_matmul.INT8_MAX_M, takes every M), and h != b (the
+    paper's 8-bit means), take the float kernel: identical results."""
     _, packed = make_case(208, 48, 4, 4, 0.2, groups=(128, 128))
     x = torch.randn(17, 208)
-    assert torch.equal(ops.packed_linear_int8(x, packed, None), ops.packed_linear(x, packed, None))
+    args = (*packed.tensors().values(), None, 4, 4, 128, 128, 64, 16, 1 << 22)
+    assert torch.equal(torch.ops.mamp.packed_linear_int8_cpu(x, *args), ops.packed_linear(x, packed, None))
     _, p8 = make_case(208, 48, 2, 8, 0.2, groups=(128, 128))
     x1 = torch.randn(1, 208)
     assert torch.equal(ops.packed_linear_int8(x1, p8, None), ops.packed_linear(x1, p8, None))
@@ -154,6 +156,7 @@ def test_packed_linear_serves_through_the_int8_kernel(monkeypatch):
     with torch.no_grad():
         y = layer(x)
     assert _relerr(y, packed_matmul_int8_reference(x, packed, bias, cpu_matmul.ACT_BLOCK)) < 2e-6
-    with torch.no_grad():  # prefill sizes: the float kernel, unchanged
-        x17 = torch.randn(17, 208)
-        assert torch.equal(layer(x17), ops.packed_linear(x17, packed, bias))
+    with torch.no_grad():  # prefill sizes too (cpu_matmul.INT8_MAX_M)
+        x40 = torch.randn(40, 208)
+        ref = packed_matmul_int8_reference(x40, packed, bias, cpu_matmul.ACT_BLOCK)
+        assert _relerr(layer(x40), ref) < 2e-6

@@ -102,3 +102,40 @@ def test_full_queue_answers_429(start_server, tiny_llama_dir):
     wait_for(lambda: gauge(server, "mamp:num_requests_running") == 0)
     out = client.completions.create(model="tiny", prompt="Once", max_tokens=2, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 2
+
+
+def test_chunked_prefill_gives_the_same_text_and_keeps_streams_moving(start_server, tiny_llama_dir, tiny_server):
+    """With a prefill budget of 8 tokens per step a long prompt is prefilled over several steps, decode steps of
+    the running stream happen in between, and every text equals the unchunked server's."""
+    chunked = start_server(model=str(tiny_llama_dir), served_model_name="tiny", max_prefill_tokens=8)
+    long_prompt = " ".join(PROMPTS * 3)
+    args = dict(model="tiny", max_tokens=12, temperature=0)
+    refs = [tiny_server.client().completions.create(prompt=p, **args).choices[0].text
+            for p in (long_prompt, PROMPTS[0])]
+    runner = chunked.runtime.engine.runner
+    calls = []
+    runner.prefill = lambda slot, ids, *a, **kw: calls.append(("prefill", len(ids))) or \
+        type(runner).prefill(runner, slot, ids, *a, **kw)
+    runner.decode = lambda slots, *rest: calls.append(("decode", len(slots))) or \
+        type(runner).decode(runner, slots, *rest)
+
+    async def both():
+        client = chunked.async_client()
+        short = asyncio.create_task(client.completions.create(prompt=PROMPTS[0], **{**args, "max_tokens": 400},
+                                                              extra_body={"ignore_eos": True}))
+        while not any(k == "decode" for k, _ in calls):  # the short request is decoding when the long one arrives
+            await asyncio.sleep(0.001)
+        return await asyncio.gather(client.completions.create(prompt=long_prompt, **args), short)
+
+    try:
+        long_out, short_out = asyncio.run(both())
+    finally:
+        del runner.prefill, runner.decode
+    assert long_out.choices[0].text == refs[0]
+    assert short_out.choices[0].text.startswith(refs[1])
+    chunks = [i for i, (kind, n) in enumerate(calls) if kind == "prefill" and n == 8]
+    assert all(n <= 8 for kind, n in calls if kind == "prefill")
+    assert len(chunks) >= 4  # the long prompt went in chunks of the budget
+    # Between any two chunks of the long prompt the short stream decoded: it never waited for the whole prefill.
+    for a, b in zip(chunks, chunks[1:]):
+        assert any(kind == "decode" for kind, _ in calls[a + 1:b]), calls[a:b + 1]

@@ -41,6 +41,19 @@ def test_prefill_matches_hf_at_every_position(hf_model):
     torch.testing.assert_close(runner.prefill(0, ids), ref[-1], atol=ATOL, rtol=0)
 
 
+def test_chunked_prefill_matches_one_shot(hf_model):
+    """A prompt prefilled in chunks (each attending to the cached prefix) gives the one-shot logits and cache."""
+    runner = BatchedLlama(hf_model, max_num_seqs=2, max_model_len=512)
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    whole = runner.prefill(0, ids, all_logits=True)
+    parts = [runner.prefill(1, ids[a:b], all_logits=True, start=a) for a, b in ((0, 7), (7, 100), (100, 300))]
+    torch.testing.assert_close(torch.cat(parts), whole, atol=ATOL, rtol=0)
+    for layer in range(len(runner.blocks)):
+        torch.testing.assert_close(runner.cache.k[layer][1, :, :300], runner.cache.k[layer][0, :, :300],
+                                   atol=1e-5, rtol=0)
+    torch.testing.assert_close(runner.prefill(1, ids[-1:], start=299), whole[-1], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("layout,leaves", [([(3, 1), (0, 7), (2, 300)], 0), ([(1, 1), (2, 7), (3, 300)], 1)],
                          ids=["scattered-slots-gathered", "dense-slots-read-in-place"])
 def test_batched_decode_of_different_lengths_matches_hf(hf_model, layout, leaves):
