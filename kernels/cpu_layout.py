@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mamp.kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec
+from mamp.kernels.packing import PackedTensors, PackedWeight, PackSpec
 
 TILE = 16
 
@@ -34,21 +34,10 @@ def untile_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.permute(1, 0, 2).reshape(rows, tiles * TILE).contiguous()
 
 
-@dataclass(frozen=True)
-class TiledWeight:
+@dataclass
+class TiledWeight(PackedTensors):
     """A layer's packed tensors in the column-tiled layout, with its spec: what the C++ ops take instead of a
     PackedWeight (same field names)."""
-
-    spec: PackSpec
-    qweight: torch.Tensor
-    bitmap: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    hscales: torch.Tensor
-    hzeros: torch.Tensor
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in TENSOR_NAMES}
 
     def untile(self) -> PackedWeight:
         return PackedWeight(self.spec, **{k: untile_tensor(v) for k, v in self.tensors().items()})

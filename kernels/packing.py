@@ -138,8 +138,9 @@ TENSOR_NAMES = ("qweight", "bitmap", "scales", "zeros", "hscales", "hzeros")
 
 
 @dataclass
-class PackedWeight:
-    """The packed tensors of one layer plus its spec. Shapes and dtypes are checked on construction."""
+class PackedTensors:
+    """The six packed tensors of one layer plus its spec, in some layout: PackedWeight (the format's row-major
+    layout, checked) or kernels.cpu_layout.TiledWeight (the CPU kernels' column-tiled one)."""
 
     spec: PackSpec
     qweight: torch.Tensor
@@ -149,14 +150,19 @@ class PackedWeight:
     hscales: torch.Tensor
     hzeros: torch.Tensor
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSOR_NAMES}
+
+
+@dataclass
+class PackedWeight(PackedTensors):
+    """The packed tensors of one layer plus its spec, row-major. Shapes and dtypes are checked on construction."""
+
     def __post_init__(self) -> None:
         for name, (shape, dtype) in self.spec.shapes().items():
             t = getattr(self, name)
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in TENSOR_NAMES}
 
     def to(self, device: torch.device | str) -> "PackedWeight":
         return PackedWeight(self.spec, **{k: v.to(device) for k, v in self.tensors().items()})

@@ -22,6 +22,27 @@ def _autotune_cache_in_tmp(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core box: torch's thread pool only adds barrier waits. Restored afterwards.
+    Kernel test modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def float_activations(monkeypatch):
+    """The CPU kernel with fp32 activations: where a loaded model must equal a float computation to fp32 rounding
+    (the integer kernel's int8 activations are tested against their own reference in test_kernels_cpu_int8)."""
+    from mamp.kernels import cpu_matmul
+
+    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "float")
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     if not (STORIES_DIR / "config.json").is_file():

@@ -14,21 +14,13 @@ from mamp.kernels.packing import PackSpec, dequantize
 from mamp.kernels.reference import packed_matmul_reference
 from tests.helpers import TOL, check_close, make_case, make_x, random_packed
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 WIDTHS = [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]  # h = b takes the one-decode path
 SHAPES = [(172, 48), (384, 80), (208, 384)]  # (K, N): padded K; 3*128; 13*16 and 3*128
 FRACS = [0.0, 0.04, 0.5, 1.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MS = [1, 3, 17, 257]
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The grid's tensors are tiny: torch's thread pool only adds barrier waits (painful on a shared 2-core box).
-    Restored afterwards; test_threads_agree covers the multi-threaded split."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_poisoned(fn, x, packed, bias, **kw):
     out = torch.full((*x.shape[:-1], packed.spec.out_features), float("nan"), dtype=x.dtype)
     y = fn(x, packed, bias, out=out, **kw)

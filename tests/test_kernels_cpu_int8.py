@@ -13,19 +13,12 @@ from mamp.kernels.packing import PackSpec
 from mamp.kernels.reference import packed_matmul_int8_reference, packed_matmul_reference, quantize_activations
 from tests.helpers import TOL, make_case, make_x, random_packed
 
-pytestmark = pytest.mark.skipif(not ops.load_cpu_ops(), reason="the C++ extension cannot be built here")
+pytestmark = [pytest.mark.skipif(not ops.load_cpu_ops(), reason="the C++ extension cannot be built here"),
+              pytest.mark.usefixtures("one_thread")]
 
 ISAS = ["native", "avx2", "portable"]  # native: the best this CPU has (VNNI on AVX-512 VNNI machines)
 SHAPES = [(172, 48), (384, 80), (208, 384), (576, 20)]  # padded K; 3*128; 13*16 x 3*128; N not a multiple of 16
 GROUPS = [(64, 32), (128, 128), (128, 64), (32, 128)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=ISAS)

@@ -12,6 +12,8 @@ from mamp.kernels import cpu_matmul
 from mamp.kernels.half_linear import (HalfEmbedding, HalfLinear, half_matmul, half_matmul_reference,
                                  half_matmul_torch)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 WDTYPES = [torch.bfloat16, torch.float16]
 XDTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MS = [1, 3, 17, 257]
@@ -19,15 +21,6 @@ SHAPES = [(72, 50), (576, 193), (1000, 37), (1003, 29), (13, 5)]  # (K, N); K % 
 # |y - y64| <= TOL * (|x| @ |W|^T + |bias|): fp32 accumulation (<= ~1e-6 relative here), then rounding to the
 # output dtype (half an ulp: 2^-9 bf16, 2^-12 fp16).
 TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core box: one thread (test_threads_agree covers the split)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_w(n, k, dtype, seed=0):

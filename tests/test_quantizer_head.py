@@ -16,14 +16,8 @@ from mamp.quantizer.export import save_quantized
 from mamp.quantizer.pipeline import quantize_model
 from tests.helpers import random_packed, tiny_llama, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _float_activations(monkeypatch):
-    """The loaded model must equal the fake-quantized one to fp32 rounding: the CPU kernel with fp32 activations
-    (the integer kernel's int8 activations are tested against their own reference in test_kernels_cpu_int8)."""
-    from mamp.kernels import cpu_matmul
-
-    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "float")
+# Loaded models must equal the fake-quantized ones to fp32 rounding: fp32 activations (conftest.py).
+pytestmark = pytest.mark.usefixtures("float_activations")
 
 
 @pytest.fixture(autouse=True)

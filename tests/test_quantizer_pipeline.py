@@ -17,17 +17,11 @@ from mamp.quantizer.pipeline import (LINEARS, HessianAccumulator, LayerStages, c
                                 quantize_model)
 from tests.helpers import tiny_llama, tiny_tokenizer
 
+# Loaded models must equal the fake-quantized ones to fp32 rounding: fp32 activations (conftest.py).
+pytestmark = pytest.mark.usefixtures("float_activations")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 STORIES = SHARED / "models" / "stories260K"
-@pytest.fixture(autouse=True)
-def _float_activations(monkeypatch):
-    """The loaded model must equal the fake-quantized one to fp32 rounding: the CPU kernel with fp32 activations
-    (the integer kernel's int8 activations are tested against their own reference in test_kernels_cpu_int8)."""
-    from mamp.kernels import cpu_matmul
-
-    monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "float")
-
-
 @pytest.fixture(autouse=True)
 def _inference():
     """Serving-style forward passes (PackedLinear's fast CPU path does not support autograd)."""

@@ -8,6 +8,23 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def assert_serves_like_hf(server, name: str, model, tok, prompt: str = "Once upon a time") -> None:
+    """The server's greedy completion equals the loaded model's own HF forward, greedy, no cache."""
+    ids = tok(prompt).input_ids
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    out = server.client().completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0,
+                                             extra_body={"ignore_eos": True})
+    assert out.choices[0].text == tok.decode(ids, skip_special_tokens=True)[len(prompt):]
+
+
+def kernel_layers(metrics_text: str) -> dict[str, float]:
+    """mamp:kernel_layers by kernel label, from a /metrics page."""
+    return {s.labels["kernel"]: s.value for f in text_string_to_metric_families(metrics_text) for s in f.samples
+            if s.name == "mamp:kernel_layers"}
+
+
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,20 +46,13 @@ def test_packed_checkpoint_serves_like_its_hf_forward(start_server, packed_dir):
 
     model, tok, info = load_for_serving(packed_dir, "cpu", "float32")
     assert info.quantized and isinstance(model.model.layers[0].mlp.down_proj, PackedLinear)
-    ids = tok("Once upon a time").input_ids
-    with torch.no_grad():  # HF's forward over the PackedLinear modules, greedy, no cache
-        for _ in range(4):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     server = start_server(model=str(packed_dir), served_model_name="tiny-packed")
-    out = server.client().completions.create(model="tiny-packed", prompt="Once upon a time", max_tokens=4,
-                                             temperature=0, extra_body={"ignore_eos": True})
-    assert out.choices[0].text == tok.decode(ids, skip_special_tokens=True)[len("Once upon a time"):]
+    assert_serves_like_hf(server, "tiny-packed", model, tok)
     text = httpx.get(server.url + "/metrics").text
     gauges = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert gauges["mamp:weight_memory_bytes"] == info.weight_bytes
     assert gauges["mamp:weight_memory_bf16_bytes"] == info.weight_bf16_bytes
-    kernels = {s.labels["kernel"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "mamp:kernel_layers"}
+    kernels = kernel_layers(text)
     # 2 layers x 7 linears, the C++ integer-dot kernel (h = b)
     assert kernels == {"cpu-int8": 14.0} and info.kernels == (("cpu-int8", 14),)
     # Loaded in fp32 the float embeddings outweigh what packing saves on this toy; in bf16 the saving shows.
@@ -61,8 +71,7 @@ def test_cpu_activations_flag_picks_the_float_kernel(start_server, packed_dir, m
     monkeypatch.setenv(cpu_matmul.ACTIVATIONS_ENV, "int8")  # restored after the test: the flag sets it
     server = start_server(model=str(packed_dir), served_model_name="tiny-float", cpu_activations="float")
     text = httpx.get(server.url + "/metrics").text
-    kernels = {s.labels["kernel"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "mamp:kernel_layers"}
+    kernels = kernel_layers(text)
     assert kernels == {"cpu": 14.0}
     out = server.client().completions.create(model="tiny-float", prompt="Once upon a time", max_tokens=3)
     assert out.usage.completion_tokens == 3
@@ -89,15 +98,8 @@ def test_packed_head_checkpoint_serves_like_its_hf_forward(start_server, tiny_ll
     save_quantized(quantize_model(model, spec, None, progress=False), tok, out)
     loaded, tok, info = load_for_serving(out, "cpu", "float32")
     assert isinstance(loaded.lm_head, PackedLinear) and isinstance(loaded.model.embed_tokens, PackedEmbedding)
-    ids = tok("Once upon a time").input_ids
-    with torch.no_grad():
-        for _ in range(4):
-            ids.append(int(loaded(torch.tensor([ids])).logits[0, -1].argmax()))
     server = start_server(model=str(out), served_model_name="tiny-head")
-    got = server.client().completions.create(model="tiny-head", prompt="Once upon a time", max_tokens=4,
-                                             temperature=0, extra_body={"ignore_eos": True})
-    assert got.choices[0].text == tok.decode(ids, skip_special_tokens=True)[len("Once upon a time"):]
+    assert_serves_like_hf(server, "tiny-head", loaded, tok)
     text = httpx.get(server.url + "/metrics").text
-    kernels = {s.labels["kernel"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "mamp:kernel_layers"}
+    kernels = kernel_layers(text)
     assert kernels == {"cpu-int8": 15.0}  # 14 decoder linears + the lm_head
