@@ -31,7 +31,8 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)
     p.add_argument("--log-level", default=d.log_level)
     p.add_argument("--threads", type=int, default=d.threads,
-                   help="CPU threads for the model (default: all cores; at batch 1 one thread is as fast on 2 cores)")
+                   help="CPU threads for the model (default: all cores but one, which the HTTP side and tokenizer "
+                        "need: on 2 cores one client streamed 1.5x faster with 1 thread than with 2)")
     p.add_argument("--cpu-activations", choices=["auto", "int8", "float"], default=d.cpu_activations,
                    help="CPU decode kernel for h = b layers: int8 activations with integer dot products, or fp32 "
                         "(auto: $MAMP_CPU_ACTIVATIONS, else int8)")
@@ -45,11 +46,17 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
         p.error(str(exc))
 
 
+def default_threads() -> int:
+    """All of torch's threads but one: the event loop, the tokenizer worker and the SSE writes need a core, and
+    model threads that lose theirs stall at every barrier (docs/RESULTS.md: on 2 cores, one streaming client got
+    69.3 / 67.8 tok/s with 1 thread against 44.3 / 47.1 with 2; 16 clients 4 % fewer)."""
+    return max(1, torch.get_num_threads() - 1)
+
+
 def main(argv=None, prog: str = "python -m mamp.server") -> None:
     config = parse_args(argv, prog)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads or default_threads())
     try:
         runtime = build_runtime(config)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve

@@ -29,7 +29,7 @@ class ServerConfig:
     log_level: str = "info"
     verify: bool = True             # check the checkpoint's files against its manifest (sizes, sha256) at load
     max_request_bytes: int = 4 << 20  # larger request bodies get 413 before they are read; 0: no limit
-    threads: Optional[int] = None   # torch CPU threads; None: torch's default (all cores)
+    threads: Optional[int] = None   # torch CPU threads; None: all of torch's but one (server/__main__.py)
     # Decode activations of the CPU kernel for h = b layers: int8 (integer dot products) or float; auto keeps
     # MAMP_CPU_ACTIVATIONS (default int8)
     cpu_activations: CpuActivations = "auto"

@@ -59,3 +59,13 @@ def test_serve_flags_reach_the_config():
         with pytest.raises(SystemExit) as info:
             parse_args(["--model", "m", *bad])
         assert info.value.code == 2
+
+
+def test_serve_leaves_a_core_to_the_http_side(monkeypatch):
+    import torch
+
+    from mamp.server.__main__ import default_threads
+
+    for have, want in ((2, 1), (1, 1), (16, 15)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda have=have: have)
+        assert default_threads() == want
