@@ -38,6 +38,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 namespace {
 
 using mamp_cpu::Layer;
+using mamp_cpu::load16_f16;
+using mamp_cpu::load16_u32;
+using mamp_cpu::load16_u8;
 
 constexpr int GROUP = 16;  // rows per group, one bitmap bit
 constexpr int NT = 16;     // output columns per tile
@@ -81,7 +84,7 @@ template <int B, int MB>
 void tile_portable(const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy, const float* bias) {
   constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
   constexpr uint32_t CM = B == 2 ? 0x03030303u : B == 4 ? 0x0F0F0F0Fu : 0xFFFFFFFFu;
-  const int64_t N = L.N, G = L.Kp / GROUP;
+  const int64_t G = L.Kp / GROUP;
   float acc[MB][NT] = {};
   int32_t sall[MB][NT] = {}, ssal[MB][NT] = {}, xsal[MB][NT] = {}, xall[MB] = {};
   for (int64_t g = 0; g < G; ++g) {
@@ -144,7 +147,7 @@ MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float
   constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
   const __mmask16 lanes = nt == NT ? __mmask16(0xFFFF) : __mmask16((1u << nt) - 1);
   const __m512i cmask = _mm512_set1_epi32(B == 2 ? 0x03030303 : B == 4 ? 0x0F0F0F0F : -1);
-  const int64_t N = L.N, G = L.Kp / GROUP;
+  const int64_t G = L.Kp / GROUP;
   __m512 acc[MB];
   __m512i sall[MB], ssal[MB], xsal[MB];
   int32_t xall[MB];
@@ -154,7 +157,7 @@ MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float
     xall[m] = 0;
   }
   for (int64_t g = 0; g < G; ++g) {
-    const __m128i bb = _mm_maskz_loadu_epi8(lanes, L.bm_at((g / 8), n0));
+    const __m128i bb = _mm_maskz_loadu_epi8(lanes, L.bm_at(g / 8, n0));
     const __mmask16 sk = _mm_test_epi8_mask(bb, _mm_set1_epi8(char(1 << (g % 8))));
     __m512i t[MB];
     for (int m = 0; m < MB; ++m) t[m] = _mm512_setzero_si512();
@@ -215,42 +218,7 @@ MAMP_AVX2 void tile_avx2(const Layer& L, const Act& A, int64_t n0, int nt, float
                          const float* bias) {
   constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
   const __m256i cmask = _mm256_set1_epi32(B == 2 ? 0x03030303 : B == 4 ? 0x0F0F0F0F : -1);
-  const int64_t N = L.N, G = L.Kp / GROUP;
-  // Partial tiles read through zero-filled copies of the tile's columns.
-  alignas(32) uint32_t wbuf[NT];
-  alignas(32) uint8_t b8[NT];
-  alignas(32) uint16_t h16[NT];
-  auto load_w = [&](int64_t r, __m256i* v) {
-    const uint32_t* p = L.qw_at(r, n0);
-    if (nt < NT) {
-      std::memset(wbuf, 0, sizeof(wbuf));
-      std::memcpy(wbuf, p, nt * 4);
-      p = wbuf;
-    }
-    v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    v[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8));
-  };
-  auto load_u8 = [&](const uint8_t* p, __m256i* v) {  // 16 bytes -> two int32 x 8
-    if (nt < NT) {
-      std::memset(b8, 0, sizeof(b8));
-      std::memcpy(b8, p, nt);
-      p = b8;
-    }
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    v[0] = _mm256_cvtepu8_epi32(b);
-    v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-  };
-  auto load_h = [&](const at::Half* p, __m256* v) {
-    const void* src = p;
-    if (nt < NT) {
-      std::memset(h16, 0, sizeof(h16));
-      std::memcpy(h16, p, nt * 2);
-      src = h16;
-    }
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-    v[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-  };
+  const int64_t G = L.Kp / GROUP;
   __m256 acc[MB][2];
   __m256i sall[MB][2], ssal[MB][2], xsal[MB][2];
   int32_t xall[MB];
@@ -263,7 +231,7 @@ MAMP_AVX2 void tile_avx2(const Layer& L, const Act& A, int64_t n0, int nt, float
   }
   for (int64_t g = 0; g < G; ++g) {
     __m256i bits[2], sel[2];
-    load_u8(L.bm_at((g / 8), n0), bits);
+    load16_u8(bits, L.bm_at(g / 8, n0), nt);
     const __m256i bit = _mm256_set1_epi32(1 << (g % 8));
     for (int h = 0; h < 2; ++h) sel[h] = _mm256_cmpeq_epi32(_mm256_and_si256(bits[h], bit), bit);
     const bool any = !_mm256_testz_si256(_mm256_or_si256(sel[0], sel[1]), _mm256_or_si256(sel[0], sel[1]));
@@ -272,7 +240,7 @@ MAMP_AVX2 void tile_avx2(const Layer& L, const Act& A, int64_t n0, int nt, float
     for (int wi = 0; wi < WPG; ++wi) {
       const int64_t r = g * WPG + wi;
       __m256i w[2];
-      load_w(r, w);
+      load16_u32(w, L.qw_at(r, n0), nt);
       for (int e = 0; e < E; ++e) {
         __m256i c[2];
         for (int h = 0; h < 2; ++h) c[h] = _mm256_and_si256(e ? _mm256_srli_epi32(w[h], B * e) : w[h], cmask);
@@ -309,10 +277,10 @@ MAMP_AVX2 void tile_avx2(const Layer& L, const Act& A, int64_t n0, int nt, float
       const int64_t rs = gi.rs, rh = gi.rh;
       __m256 s[2], hs[2];
       __m256i zi[2], hzi[2];
-      load_h(L.sc_at(rs, n0), s);
-      load_h(L.hsc_at(rh, n0), hs);
-      load_u8(L.z_at(rs, n0), zi);
-      load_u8(L.hz_at(rh, n0), hzi);
+      load16_f16(s, L.sc_at(rs, n0), nt);
+      load16_f16(hs, L.hsc_at(rh, n0), nt);
+      load16_u8(zi, L.z_at(rs, n0), nt);
+      load16_u8(hzi, L.hz_at(rh, n0), nt);
       for (int m = 0; m < MB; ++m) {
         const __m256 d = _mm256_set1_ps(A.d[m * A.ldd + gi.rb]);
         for (int h = 0; h < 2; ++h) {

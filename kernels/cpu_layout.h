@@ -11,6 +11,9 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
+
+#include <immintrin.h>
 
 namespace mamp_cpu {
 
@@ -35,6 +38,49 @@ struct Layer {
   const at::Half* hsc_at(int64_t r, int64_t n0) const { return hsc + (n0 / TILE) * th + r * ld; }
   const uint8_t* hz_at(int64_t r, int64_t n0) const { return hz + (n0 / TILE) * th + r * ld; }
 };
+
+// The AVX2 loads of one 16-column row, shared by the kernels; usable from code compiled without -mavx2 (the
+// integer kernel picks its instruction set at run time), hence the target attribute.
+#define MAMP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// Two 8-lane halves of a 16-column row; partial tiles go through a zero-filled copy.
+MAMP_TARGET_AVX2 inline void load16_u32(__m256i* v, const uint32_t* p, int nt) {
+  if (nt == TILE) {
+    v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    v[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8));
+  } else {
+    alignas(32) uint32_t buf[TILE] = {};
+    std::memcpy(buf, p, nt * sizeof(uint32_t));
+    v[0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+    v[1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + 8));
+  }
+}
+
+MAMP_TARGET_AVX2 inline void load16_u8(__m256i* v, const uint8_t* p, int nt) {  // -> two int32 x 8
+  __m128i b;
+  if (nt == TILE) {
+    b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint8_t buf[TILE] = {};
+    std::memcpy(buf, p, nt);
+    b = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+  }
+  v[0] = _mm256_cvtepu8_epi32(b);
+  v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+}
+
+MAMP_TARGET_AVX2 inline void load16_f16(__m256* v, const at::Half* p, int nt) {
+  __m256i h;
+  if (nt == TILE) {
+    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else {
+    alignas(32) uint16_t buf[TILE] = {};
+    std::memcpy(buf, p, nt * sizeof(uint16_t));
+    h = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  }
+  v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  v[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
 
 // Output features of a packed qweight in either layout.
 inline int64_t out_features(const at::Tensor& qweight) {

@@ -22,6 +22,11 @@ def can_tile(spec: PackSpec) -> bool:
     return spec.out_features % TILE == 0
 
 
+def out_features(qweight: torch.Tensor) -> int:
+    """N of a packed qweight in either layout: [R, N] row-major or [N/16, R, 16] column-tiled."""
+    return qweight.shape[0] * qweight.shape[2] if qweight.dim() == 3 else qweight.shape[1]
+
+
 def tile_tensor(t: torch.Tensor) -> torch.Tensor:
     """[rows, N] -> [N/16, rows, 16], contiguous."""
     rows, n = t.shape

@@ -24,6 +24,11 @@
 namespace {
 
 using mamp_cpu::Layer;
+#if defined(__AVX2__) && defined(__FMA__)
+using mamp_cpu::load16_f16;
+using mamp_cpu::load16_u32;
+using mamp_cpu::load16_u8;
+#endif
 using mamp_cpu::make_layer;
 
 constexpr int GROUP = 16;  // rows per group, one bitmap bit
@@ -55,16 +60,16 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
   constexpr int HPW = 32 / H;  // salient codes per word
   constexpr uint32_t MASK = (1u << B) - 1;
   constexpr uint32_t HMASK = (1u << H) - 1;
-  const int64_t N = L.N, G = L.Kp / GROUP;
+  const int64_t G = L.Kp / GROUP;
 
   float acc[MB][NT] = {};
   float lq[MB][NT] = {}, lx[MB][NT] = {};  // normal groups of the current scale group: sum q x, sum x
   float hq[MB][NT] = {}, hx[MB][NT] = {};  // salient groups of the current salient scale group
   for (int64_t g = 0; g < G; ++g) {
     uint32_t w[WPG][NT];
-    for (int wi = 0; wi < WPG; ++wi) load_row(w[wi], L.qw_at((g * WPG + wi), n0), nt);
+    for (int wi = 0; wi < WPG; ++wi) load_row(w[wi], L.qw_at(g * WPG + wi, n0), nt);
     uint8_t bits[NT];
-    load_row(bits, L.bm_at((g / 8), n0), nt);
+    load_row(bits, L.bm_at(g / 8, n0), nt);
     float sel[NT];
     int n_sal = 0;
     for (int j = 0; j < NT; ++j) {
@@ -147,44 +152,7 @@ void gemv_tile(const Layer& L, const float* x, int64_t ldx, const float* xg, int
 #include <cstring>
 #define MAMP_AVX2 1
 
-// Two 8-lane halves of a 16-column row; partial tiles go through a zero-filled copy.
-inline void load16_u32(__m256i* v, const uint32_t* p, int nt) {
-  if (nt == NT) {
-    v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    v[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8));
-  } else {
-    alignas(32) uint32_t buf[NT] = {};
-    std::memcpy(buf, p, nt * sizeof(uint32_t));
-    v[0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-    v[1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf + 8));
-  }
-}
-
-inline void load16_u8(__m256i* v, const uint8_t* p, int nt) {  // -> two int32 x 8
-  __m128i b;
-  if (nt == NT) {
-    b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  } else {
-    alignas(16) uint8_t buf[NT] = {};
-    std::memcpy(buf, p, nt);
-    b = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
-  }
-  v[0] = _mm256_cvtepu8_epi32(b);
-  v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-}
-
-inline void load16_f16(__m256* v, const at::Half* p, int nt) {
-  __m256i h;
-  if (nt == NT) {
-    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  } else {
-    alignas(32) uint16_t buf[NT] = {};
-    std::memcpy(buf, p, nt * sizeof(uint16_t));
-    h = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-  }
-  v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-  v[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-}
+// load16_u32 / load16_u8 / load16_f16: kernels/cpu_layout.h.
 
 template <int A>
 inline __m256 sum_chains(const __m256* v) {
@@ -203,15 +171,15 @@ void gemv_tile_avx2(const Layer& L, const float* x, int64_t ldx, const float* xg
   const __m256i hmask = _mm256_set1_epi32((1 << H) - 1);
   const __m256i one = _mm256_set1_epi32(1);
   const __m256 onef = _mm256_set1_ps(1.f);
-  const int64_t N = L.N, G = L.Kp / GROUP;
+  const int64_t G = L.Kp / GROUP;
   __m256 acc[MB][2], lq[MB][2], lx[MB][2], hq[MB][2], hx[MB][2];
   for (int m = 0; m < MB; ++m)
     for (int h = 0; h < 2; ++h)
       acc[m][h] = lq[m][h] = lx[m][h] = hq[m][h] = hx[m][h] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i w[WPG][2], bits[2];
-    for (int wi = 0; wi < WPG; ++wi) load16_u32(w[wi], L.qw_at((g * WPG + wi), n0), nt);
-    load16_u8(bits, L.bm_at((g / 8), n0), nt);
+    for (int wi = 0; wi < WPG; ++wi) load16_u32(w[wi], L.qw_at(g * WPG + wi, n0), nt);
+    load16_u8(bits, L.bm_at(g / 8, n0), nt);
     const __m128i shift = _mm_cvtsi32_si128(int(g % 8));
     __m256 sel[2];
     int n_sal = 0;
@@ -321,15 +289,14 @@ void dequant_tile_avx2(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int n
   constexpr int VPW = 32 / B, WPG = B / 2, RUN = H / B;
   const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
   const __m256i hmask = _mm256_set1_epi32((1 << H) - 1);
-  const int64_t N = L.N;
   for (int64_t g = k0 / GROUP; g < (k0 + kt) / GROUP; ++g) {
     __m256 s[2], hs[2], zs[2], hzs[2], sel[2];
     __m256i zi[2], hzi[2], bits[2];
-    load16_f16(s, L.sc_at((g * GROUP / L.gs), n0), nt);
-    load16_u8(zi, L.z_at((g * GROUP / L.gs), n0), nt);
-    load16_f16(hs, L.hsc_at((g * GROUP / L.sgs), n0), nt);
-    load16_u8(hzi, L.hz_at((g * GROUP / L.sgs), n0), nt);
-    load16_u8(bits, L.bm_at((g / 8), n0), nt);
+    load16_f16(s, L.sc_at(g * GROUP / L.gs, n0), nt);
+    load16_u8(zi, L.z_at(g * GROUP / L.gs, n0), nt);
+    load16_f16(hs, L.hsc_at(g * GROUP / L.sgs, n0), nt);
+    load16_u8(hzi, L.hz_at(g * GROUP / L.sgs, n0), nt);
+    load16_u8(bits, L.bm_at(g / 8, n0), nt);
     for (int h = 0; h < 2; ++h) {
       zs[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(zi[h]), s[h]);  // (q - z) s = q s - z s
       hzs[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(hzi[h]), hs[h]);
@@ -337,7 +304,7 @@ void dequant_tile_avx2(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int n
     }
     for (int wi = 0; wi < WPG; ++wi) {
       __m256i wv[2];
-      load16_u32(wv, L.qw_at((g * WPG + wi), n0), nt);
+      load16_u32(wv, L.qw_at(g * WPG + wi, n0), nt);
       for (int i = 0; i < VPW; ++i) {
         float* dst = w + (g * GROUP + wi * VPW + i - k0) * ldw;
         __m256 row[2];
@@ -372,15 +339,14 @@ void dequant_tile(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int nt, fl
   constexpr int VPW = 32 / B, WPG = B / 2, RUN = H / B;
   constexpr uint32_t MASK = (1u << B) - 1;
   constexpr uint32_t HMASK = (1u << H) - 1;
-  const int64_t N = L.N;
   for (int64_t g = k0 / GROUP; g < (k0 + kt) / GROUP; ++g) {
     float s[NT], zs[NT], hs[NT], hzs[NT], sel[NT];
     uint8_t zz[NT], hzz[NT], bits[NT];
-    load_half_row(s, L.sc_at((g * GROUP / L.gs), n0), nt);
-    load_row(zz, L.z_at((g * GROUP / L.gs), n0), nt);
-    load_half_row(hs, L.hsc_at((g * GROUP / L.sgs), n0), nt);
-    load_row(hzz, L.hz_at((g * GROUP / L.sgs), n0), nt);
-    load_row(bits, L.bm_at((g / 8), n0), nt);
+    load_half_row(s, L.sc_at(g * GROUP / L.gs, n0), nt);
+    load_row(zz, L.z_at(g * GROUP / L.gs, n0), nt);
+    load_half_row(hs, L.hsc_at(g * GROUP / L.sgs, n0), nt);
+    load_row(hzz, L.hz_at(g * GROUP / L.sgs, n0), nt);
+    load_row(bits, L.bm_at(g / 8, n0), nt);
     for (int j = 0; j < NT; ++j) {
       zs[j] = float(zz[j]);
       hzs[j] = float(hzz[j]);
@@ -388,7 +354,7 @@ void dequant_tile(const Layer& L, int64_t k0, int64_t kt, int64_t n0, int nt, fl
     }
     for (int wi = 0; wi < WPG; ++wi) {
       uint32_t wv[NT];
-      load_row(wv, L.qw_at((g * WPG + wi), n0), nt);
+      load_row(wv, L.qw_at(g * WPG + wi, n0), nt);
       for (int i = 0; i < VPW; ++i) {
         const int64_t k = g * GROUP + wi * VPW + i;
         float* dst = w + (k - k0) * ldw;

@@ -60,17 +60,17 @@ def _cpu_ext_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
 def _cpu_int8_ok(spec: PackSpec, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"the integer C++ kernel runs on the CPU, not {device.type}"
-    from mamp.kernels.cpu_matmul import ACTIVATIONS_ENV, cpu_activations
+    from mamp.kernels.cpu_matmul import ACTIVATIONS_ENV, cpu_activations, int8_isa
     if cpu_activations() != "int8":
         return False, f"float activations chosen ({ACTIVATIONS_ENV}=float)"
     if spec.salient_bits != spec.bits:
         return False, f"integer kernel serves h = b, not b={spec.bits} h={spec.salient_bits}"
     ok, reason = _cpu_ext_ok(spec, device)
-    if ok:
-        from mamp.kernels.cpu_matmul import int8_isa
-        if int8_isa() == "portable":  # measured 2-3x slower than the float kernel (docs/RESULTS.md)
-            return False, "no AVX2 or AVX-512 VNNI here: the integer kernel's portable loop is slower than fp32"
-    return ok, "cpu-int8" if ok else reason
+    if not ok:
+        return ok, reason
+    if int8_isa() == "portable":  # measured 2-3x slower than the float kernel (docs/RESULTS.md)
+        return False, "no AVX2 or AVX-512 VNNI here: the integer kernel's portable loop is slower than fp32"
+    return True, "cpu-int8"
 
 
 def _cpu_torch_matmul(x, packed, bias=None):
@@ -119,7 +119,7 @@ def can_implement(spec: PackSpec, device: torch.device | str) -> tuple[bool, str
     """(ok, reason): whether a fast kernel (not the reference, nor the torch fallback) serves this layer here."""
     device = torch.device(device)
     reasons = []
-    for k in KERNELS[:3]:
+    for k in (k for k in KERNELS if k.name not in FALLBACKS):
         ok, reason = k.can_implement(spec, device)
         if ok:
             return True, reason

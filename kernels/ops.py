@@ -22,6 +22,7 @@ import threading
 import torch
 
 from mamp.kernels import cpu_matmul
+from mamp.kernels.cpu_layout import out_features
 from mamp.kernels.packing import PackedWeight, PackSpec
 
 GEMV_MAX_M = 16  # rows the Triton GEMV serves; larger M goes to the GEMM
@@ -51,19 +52,14 @@ def _packed_linear_triton_fake(x, qweight, bitmap, scales, zeros, hscales, hzero
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
-def _out_features(qweight: torch.Tensor) -> int:
-    """N of a packed qweight: [R, N] row-major, or [N/16, R, 16] column-tiled (kernels/cpu_layout.py)."""
-    return qweight.shape[0] * qweight.shape[2] if qweight.dim() == 3 else qweight.shape[1]
-
-
 def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
                             group_size, salient_group_size, small_m, scratch_bytes):
-    return x.new_empty((*x.shape[:-1], _out_features(qweight)))
+    return x.new_empty((*x.shape[:-1], out_features(qweight)))
 
 
 def _packed_linear_int8_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
                                  group_size, salient_group_size, act_block, small_m, scratch_bytes):
-    return x.new_empty((*x.shape[:-1], _out_features(qweight)))
+    return x.new_empty((*x.shape[:-1], out_features(qweight)))
 
 
 def _half_linear_cpu_fake(x, weight, bias, small_m, upcast_m, scratch_bytes):

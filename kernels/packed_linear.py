@@ -160,10 +160,9 @@ class FusedPackedLinears:
     def fuse(cls, mods: list) -> "FusedPackedLinears | None":
         if not all(isinstance(m, PackedLinear) and m.tiled and m.bias is None for m in mods):
             return None
-        first = mods[0]
         same = {(m.spec.in_features, m.spec.bits, m.spec.salient_bits, m.spec.group_size, m.spec.salient_group_size,
                  m.kernel_name, m.qweight.device) for m in mods}
-        return cls(mods) if len(same) == 1 and first.kernel_name in TILED_KERNELS else None
+        return cls(mods) if len(same) == 1 else None  # tiled implies one of TILED_KERNELS
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.kernel.fn(x, self.view, None).split(self.splits, dim=-1)

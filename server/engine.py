@@ -153,8 +153,7 @@ class Engine:
         for seq in admitted:
             self._admit(seq)
         self._prefill_chunks()
-        if any(s.output_ids for s in self._running.values()):
-            self._decode()
+        self._decode()
 
     def _admit(self, seq: _Sequence) -> None:
         seq.scheduled = time.monotonic()
@@ -203,6 +202,8 @@ class Engine:
     def _decode(self) -> None:
         # Sequences with a first token (prefill complete), in slot order: see BatchedLlama.decode.
         seqs = sorted((s for s in self._running.values() if s.output_ids), key=lambda s: s.slot)
+        if not seqs:
+            return
         try:
             logits = self.runner.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
                                         [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs])
