@@ -1,12 +1,21 @@
-"""Serving benchmark: a live server per checkpoint (subprocess on loopback), 1/4/16 concurrent streaming clients.
+"""Serving benchmark: mamp and its peers (llama.cpp's llama-server, vLLM) as live servers on loopback, driven by
+1/4/16 concurrent streaming clients, the systems measured one at a time in alternating rounds.
 
-    python benchmarks/serve.py --packed CKPT_PACKED --float CKPT_FLOAT [--concurrency 1 4 16]
-        [--requests-per-client 4] [--max-tokens 128] [--prompt "Once upon a time"] [--device auto]
+    python benchmarks/serve.py --mamp b4=CKPT [--mamp fp32=FLOAT_CKPT] \
+        [--llama-server BIN --gguf q4_0=Q4_0.gguf --gguf q8_0=Q8_0.gguf] \
+        [--vllm-python VENV/bin/python --vllm fp32=HF_FOLDER] \
+        [--concurrency 1 4 16] [--rounds 2] [--requests-per-client 3] [--max-tokens 128] [--plot serve.png]
 
-For each checkpoint and concurrency level: aggregate generation tokens/s (all clients' completion tokens over
-the level's wall time), time to first token and inter-token latency p50/p99 (measured by the client on the
-SSE stream), and the server's resident memory and weight memory (read from its /metrics). Prints a markdown
-table. Every request uses ignore_eos, so all generate exactly --max-tokens tokens.
+(`--packed CKPT` / `--float CKPT` are shorthands for `--mamp packed=CKPT` / `--mamp float=CKPT`.)
+
+Each round starts every system in turn, warms it with one short request, runs every concurrency level and stops
+it, so that a noisy shared machine slows all of them alike; ratios are computed within a round. For each system
+and level: aggregate generation tokens/s (all clients' completion tokens over the level's wall time), time to
+first token and inter-token latency p50/p99 (measured by the client on the SSE stream), and the peak resident
+memory of the server's whole process tree (sampled from /proc every 0.2 s during the level; vLLM runs an engine
+process beside its API process, and pages the two share count twice). Every request uses ignore_eos, so all
+generate exactly --max-tokens tokens. Prints a markdown table and the mamp/peer ratios; --plot writes tokens/s
+against clients (needs matplotlib).
 """
 from __future__ import annotations
 
@@ -17,31 +26,44 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 
 
+@dataclass(frozen=True)
+class System:
+    """One server to measure: a label, the model file or folder, and its kind (mamp | llama.cpp | vllm)."""
+
+    label: str
+    model: str
+    kind: str
+
+
 @dataclass
 class LevelResult:
     label: str
+    round: int
     concurrency: int
-    tokens: int
-    seconds: float
+    tokens: int = 0
+    seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
-    rss_bytes: float = 0.0
-    weight_bytes: float = 0.0
-    weight_bf16_bytes: float = 0.0
+    peak_rss_bytes: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -57,19 +79,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """python -m mamp.server in a subprocess on loopback; its log goes to a temporary file shown on failure."""
+def tree_rss_bytes(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (from /proc; 0 where a process is gone)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
 
-    def __init__(self, model: str, name: str, device: str, max_num_seqs: int, extra: list[str]):
+
+class RssSampler:
+    """Peak resident memory of a process tree, sampled in a thread while the with-block runs."""
+
+    def __init__(self, pid: int, every_s: float = 0.2):
+        self.pid, self.every_s, self.peak = pid, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes(self.pid))
+
+
+def server_command(system: System, port: int, args) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment that start `system` on 127.0.0.1:port."""
+    slots = max(args.concurrency)
+    if system.kind == "mamp":
+        cmd = [sys.executable, "-m", "mamp.server", "--model", system.model, "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", system.label, "--device", args.device,
+               "--max-num-seqs", str(slots), *args.server_arg]
+        return cmd, {}
+    if system.kind == "llama.cpp":
+        # One KV slot per client; each slot gets the context it needs (prompt + generation, with room to spare).
+        ctx = slots * max(512, 2 * args.max_tokens + 128)
+        cmd = [args.llama_server, "-m", system.model, "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(ctx), "--alias", system.label, "--no-webui", *args.llama_arg]
+        return cmd, {}
+    if system.kind == "vllm":
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", system.model,
+               "--served-model-name", system.label, "--host", "127.0.0.1", "--port", str(port),
+               "--max-num-seqs", str(slots), "--max-model-len", "2048", "--dtype", "float32", *args.vllm_arg]
+        return cmd, {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                     "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    raise ValueError(f"unknown system kind {system.kind!r}")
+
+
+class ServerProcess:
+    """A server in a subprocess on loopback; its log goes to a temporary file shown on failure."""
+
+    def __init__(self, system: System, args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.name = name
+        self.name = system.label
         self.log = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "mamp.server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
-               "--served-model-name", name, "--device", device, "--max-num-seqs", str(max_num_seqs), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        cmd, env = server_command(system, self.port, args)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env}, start_new_session=True)
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -86,42 +173,45 @@ class ServerProcess:
         self.log.seek(0)
         return "".join(self.log.readlines()[-30:])
 
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-
     def stop(self) -> None:
-        self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, 9)
             self.proc.wait()
+        except ProcessLookupError:
+            pass
         self.log.close()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float, list[float]]:
-    """One streaming completion -> (completion tokens, TTFT, inter-token latencies), seconds."""
+    """One streaming completion -> (completion tokens, TTFT, inter-token latencies), seconds.
+
+    Tokens are the server's usage count where it sends one, else the number of chunks that carried text."""
     start = time.perf_counter()
     stamps: list[float] = []
-    tokens = 0
+    usage = None
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"]:
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
+    tokens = usage if usage is not None else len(stamps)
     if not stamps:
         return tokens, float("nan"), []
     return tokens, stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-async def run_level(server: ServerProcess, concurrency: int, per_client: int, body: dict) -> LevelResult:
-    result = LevelResult(server.name, concurrency, 0, 0.0)
+async def run_level(server: ServerProcess, label: str, round_: int, concurrency: int, per_client: int,
+                    body: dict) -> LevelResult:
+    result = LevelResult(label, round_, concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         async def client_loop() -> None:
@@ -131,61 +221,155 @@ async def run_level(server: ServerProcess, concurrency: int, per_client: int, bo
                 result.ttft.append(ttft)
                 result.itl.extend(itl)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        result.seconds = time.perf_counter() - start
-    m = server.metrics()
-    result.rss_bytes = m.get("mamp:process_resident_memory_bytes", 0.0)
-    result.weight_bytes = m.get("mamp:weight_memory_bytes", 0.0)
-    result.weight_bf16_bytes = m.get("mamp:weight_memory_bf16_bytes", 0.0)
+        with RssSampler(server.proc.pid) as rss:
+            start = time.perf_counter()
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+            result.seconds = time.perf_counter() - start
+    result.peak_rss_bytes = rss.peak
     return result
 
 
-def bench_model(label: str, path: str, args) -> list[LevelResult]:
-    server = ServerProcess(path, label, args.device, max(args.concurrency), args.server_arg)
+def bench_system(system: System, round_: int, args) -> list[LevelResult]:
+    server = ServerProcess(system, args)
     try:
+        t0 = time.perf_counter()
         server.wait_ready()
-        body = {"model": label, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
+        print(f"  round {round_}: {system.label} ({system.kind}) ready in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        body = {"model": system.label, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-        asyncio.run(run_level(server, 1, 1, {**body, "max_tokens": 4}))  # warm-up
-        return [asyncio.run(run_level(server, c, args.requests_per_client, body)) for c in args.concurrency]
+        asyncio.run(run_level(server, system.label, round_, 1, 1, {**body, "max_tokens": 8}))  # warm-up
+        out = []
+        for c in args.concurrency:
+            out.append(asyncio.run(run_level(server, system.label, round_, c, args.requests_per_client, body)))
+            print(f"    {c:>3} clients: {out[-1].tokens_per_s:7.1f} tok/s", file=sys.stderr)
+        return out
     finally:
         server.stop()
 
 
-def markdown(results: list[LevelResult]) -> str:
-    rows = ["| model | weights MiB (bf16 MiB) | clients | gen tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
-            "| ITL p99 ms | server RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        rows.append(f"| {r.label} | {r.weight_bytes / MIB:.2f} ({r.weight_bf16_bytes / MIB:.2f}) | {r.concurrency} "
-                    f"| {r.tokens / r.seconds:.1f} | {1e3 * percentile(r.ttft, 50):.1f} "
-                    f"| {1e3 * percentile(r.ttft, 99):.1f} | {1e3 * percentile(r.itl, 50):.1f} "
-                    f"| {1e3 * percentile(r.itl, 99):.1f} | {r.rss_bytes / MIB:.0f} |")
+def pooled(results: list[LevelResult], label: str, concurrency: int) -> list[LevelResult]:
+    return [r for r in results if r.label == label and r.concurrency == concurrency]
+
+
+def markdown(systems: list[System], results: list[LevelResult], concurrency: list[int]) -> str:
+    rows = ["| system | model | clients | gen tok/s (each round) | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+            "| peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    for s in systems:
+        for c in concurrency:
+            rs = pooled(results, s.label, c)
+            ttft = [t for r in rs for t in r.ttft]
+            itl = [t for r in rs for t in r.itl]
+            rows.append(f"| {s.label} | {s.kind}: {Path(s.model).name} | {c} "
+                        f"| {' / '.join(f'{r.tokens_per_s:.1f}' for r in rs)} "
+                        f"| {1e3 * percentile(ttft, 50):.0f} / {1e3 * percentile(ttft, 99):.0f} "
+                        f"| {1e3 * percentile(itl, 50):.1f} / {1e3 * percentile(itl, 99):.1f} "
+                        f"| {max(r.peak_rss_bytes for r in rs) / MIB:.0f} |")
     return "\n".join(rows)
+
+
+def ratios(systems: list[System], results: list[LevelResult], concurrency: list[int], rounds: int) -> str:
+    """tokens/s of each mamp system over each peer, per level, every round's ratio (same round, same load)."""
+    lines = []
+    mine = [s for s in systems if s.kind == "mamp"]
+    for m in mine:
+        for p in systems:
+            if p.kind == "mamp" and systems.index(p) <= systems.index(m):
+                continue  # each pair of mamp systems once
+            for c in concurrency:
+                per_round = []
+                for r in range(rounds):
+                    a, b = pooled(results, m.label, c)[r], pooled(results, p.label, c)[r]
+                    per_round.append(a.tokens_per_s / b.tokens_per_s)
+                lines.append(f"- {m.label} / {p.label}, {c} clients: "
+                             + " / ".join(f"{x:.2f}x" for x in per_round)
+                             + f" (median {statistics.median(per_round):.2f}x)")
+        ones = pooled(results, m.label, 1)
+        for c in concurrency:
+            if c == 1 or not ones:
+                continue
+            per_round = [pooled(results, m.label, c)[r].tokens_per_s / ones[r].tokens_per_s for r in range(rounds)]
+            lines.append(f"- {m.label}, {c} clients / 1 client: " + " / ".join(f"{x:.2f}x" for x in per_round))
+    return "\n".join(lines)
+
+
+def plot(systems: list[System], results: list[LevelResult], concurrency: list[int], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for s in systems:
+        medians = [statistics.median(r.tokens_per_s for r in pooled(results, s.label, c)) for c in concurrency]
+        ax.plot(concurrency, medians, marker="o", label=f"{s.label} ({s.kind})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(concurrency, [str(c) for c in concurrency])
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("generated tokens/s (median of rounds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def labelled(spec: str, flag: str) -> tuple[str, str]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise SystemExit(f"serve.py: {flag} wants LABEL=PATH, got {spec!r}")
+    return label, path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--packed", help="packed mamp checkpoint folder")
-    p.add_argument("--float", dest="float_", help="the float checkpoint of the same network")
+    p.add_argument("--mamp", action="append", default=[], metavar="LABEL=CKPT", help="a mamp server on CKPT")
+    p.add_argument("--packed", help="shorthand for --mamp packed=CKPT")
+    p.add_argument("--float", dest="float_", help="shorthand for --mamp float=CKPT")
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary (for --gguf)")
+    p.add_argument("--gguf", action="append", default=[], metavar="LABEL=FILE", help="llama-server on FILE")
+    p.add_argument("--vllm-python", help="python of an environment with vLLM installed (for --vllm)")
+    p.add_argument("--vllm", action="append", default=[], metavar="LABEL=FOLDER", help="vLLM on a HF folder")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds over all systems")
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="mamp's device")
+    p.add_argument("--server-arg", action="append", default=[], help="extra mamp server flag (repeatable)")
+    p.add_argument("--llama-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
+    p.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM server flag (repeatable)")
+    p.add_argument("--plot", help="write tokens/s against clients to this image (needs matplotlib)")
     args = p.parse_args(argv)
-    models = [(label, path) for label, path in (("packed", args.packed), ("float", args.float_)) if path]
-    if not models:
-        p.error("give --packed and/or --float")
-    results = [r for label, path in models for r in bench_model(label, path, args)]
+
+    systems = [System(*labelled(spec, "--mamp"), "mamp") for spec in args.mamp]
+    systems += [System(label, path, "mamp") for label, path in (("packed", args.packed), ("float", args.float_))
+                if path]
+    systems += [System(*labelled(spec, "--gguf"), "llama.cpp") for spec in args.gguf]
+    systems += [System(*labelled(spec, "--vllm"), "vllm") for spec in args.vllm]
+    if not systems:
+        p.error("give at least one of --mamp/--packed/--float, --gguf, --vllm")
+    if len({s.label for s in systems}) != len(systems):
+        p.error("labels must differ")
+    if args.gguf and not args.llama_server:
+        p.error("--gguf needs --llama-server BIN")
+    if args.vllm and not args.vllm_python:
+        p.error("--vllm needs --vllm-python PYTHON")
+
+    results: list[LevelResult] = []
+    for r in range(args.rounds):
+        for s in systems:
+            results += bench_system(s, r, args)
     print(f"command: python benchmarks/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-          f"device {args.device}; date {datetime.date.today().isoformat()}")
-    print(f"each request: {args.max_tokens} tokens, prompt {args.prompt!r}; "
-          f"{args.requests_per_client} requests per client\n")
-    print(markdown(results))
+          f"mamp device {args.device}; date {datetime.date.today().isoformat()}")
+    print(f"each request: {args.max_tokens} tokens, prompt {args.prompt!r}; {args.requests_per_client} requests "
+          f"per client; {args.rounds} alternating round(s)\n")
+    print(markdown(systems, results, args.concurrency))
+    text = ratios(systems, results, args.concurrency, args.rounds)
+    if text:
+        print("\n" + text)
+    if args.plot:
+        plot(systems, results, args.concurrency, args.plot)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":
