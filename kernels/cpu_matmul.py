@@ -55,7 +55,8 @@ def int8_isa() -> str | None:
 _SOURCE = Path(__file__).with_name("cpu_matmul.cpp")
 # One module; the PYBIND11_MODULE is in _SOURCE. _HEADERS are included by them: their bytes name the build, since
 # torch's JIT loader rebuilds on changed sources but not on changed headers.
-_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_half_matmul.cpp"), Path(__file__).with_name("cpu_int8_matmul.cpp"))
+_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_half_matmul.cpp"), Path(__file__).with_name("cpu_int8_matmul.cpp"),
+            Path(__file__).with_name("cpu_decode_layer.cpp"))
 _HEADERS = (Path(__file__).with_name("cpu_layout.h"),)
 _lock = threading.Lock()
 _ext = None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamp.kernels.llama_block import LlamaBlock, rms_norm
+from mamp.kernels.native_decode import native_decode_layer, why_not
 
 from .kv_cache import SlotKVCache
 
@@ -54,6 +55,16 @@ class BatchedLlama:
                        for layer in self.layers]
         self.cache = SlotKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
                                  max_model_len, self.device, self.dtype)
+        # The decode step in native code, one call per layer, where every layer allows it (else None and the
+        # Python stages serve; kernels/native_decode.py says when it applies).
+        self.native = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            native = [native_decode_layer(blk) for blk in self.blocks]
+            if all(n is not None for n in native):
+                self.native = native
+        self.native_reason = None if self.native is not None else (
+            "not on the CPU in fp32" if self.device.type != "cpu" or self.dtype != torch.float32
+            else next(r for r in map(why_not, self.blocks) if r is not None))
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim]."""
@@ -107,6 +118,11 @@ class BatchedLlama:
         mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
         cos, sin = self._rope(pos[:, None])
         h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
+        if self.native is not None:
+            h, cos, sin = h[:, 0], cos.view(b, -1), sin.view(b, -1)
+            for i, layer in enumerate(self.native):
+                h = layer.forward(h, self.cache.k[i], self.cache.v[i], slot_idx, pos, cos, sin)
+            return self._logits(h)
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]

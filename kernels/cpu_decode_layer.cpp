@@ -1,0 +1,227 @@
+// One Llama-family decoder layer's decode step in native code (torch.classes.mamp.DecodeLayer), for packed layers
+// served by the C++ CPU kernels: one call per layer and step instead of some fifteen small torch ops from Python.
+// It does what kernels/llama_block.py's stages and server/batched_llama.py's decode do, in the same order:
+//
+//     x    = rms_norm(h) * w_in                      (fp32, HF's formula)
+//     q,k,v= fused qkv (packed kernel), RoPE with the caller's cos/sin (rotate-half convention)
+//     cache[slot, kvh, pos] = k, v                   (the slot cache, written in place)
+//     core = softmax(q K^T / sqrt(D)) V              over positions 0 .. pos of the sequence, read in place
+//     mid  = h + o_proj(core)
+//     out  = mid + down(silu(gate) * up)             gate/up one fused packed call, on rms_norm(mid) * w_post
+//
+// Each row of h is one sequence's new token (M = number of sequences). The linear layers go through the same
+// functions as their registered ops (packed_linear_int8 / packed_linear), so their results are those of the
+// Python path; attention and the elementwise steps are fp32 loops that differ from torch's only in summation
+// order. kernels/native_decode.py builds the object and decides where it applies.
+#include <torch/extension.h>
+#include <torch/custom_class.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// Defined in cpu_matmul.cpp and cpu_int8_matmul.cpp (the same module).
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
+                         const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
+                         const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& out, int64_t bits, int64_t hbits, int64_t group_size,
+                         int64_t salient_group_size, int64_t small_m, int64_t scratch_bytes);
+at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
+                              const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
+                              const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias, int64_t bits,
+                              int64_t hbits, int64_t group_size, int64_t salient_group_size, int64_t act_block,
+                              int64_t small_m, int64_t scratch_bytes);
+
+namespace {
+
+constexpr int TENSORS_PER_LINEAR = 6;  // qweight, bitmap, scales, zeros, hscales, hzeros (no bias)
+constexpr int INTS_PER_LINEAR = 4;     // bits, salient_bits, group_size, salient_group_size
+
+struct Linear {
+  at::Tensor t[TENSORS_PER_LINEAR];
+  int64_t bits = 0, hbits = 0, gs = 0, sgs = 0;
+};
+
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t rows, int64_t n, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / float(n) + eps);
+    float* yr = y + r * n;
+    for (int64_t i = 0; i < n; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// x [D] in place: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]).
+inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+}  // namespace
+
+struct DecodeLayer : torch::CustomClassHolder {
+  // lin: qkv (fused), o, gate_up (fused), down. ints: per linear bits, salient_bits, group_size,
+  // salient_group_size; then num_heads, num_kv_heads, head_dim, intermediate, int8 (0/1), act_block, small_m,
+  // scratch_bytes.
+  Linear lin[4];
+  at::Tensor w_in, w_post;
+  double eps = 1e-6;
+  int64_t H = 0, KVH = 0, D = 0, I = 0, int8 = 1, act_block = 64, small_m = 16, scratch = 4 << 20;
+
+  DecodeLayer(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, double eps_) : eps(eps_) {
+    TORCH_CHECK(tensors.size() == 4 * TENSORS_PER_LINEAR + 2, "DecodeLayer: 26 tensors");
+    TORCH_CHECK(ints.size() == 4 * INTS_PER_LINEAR + 8, "DecodeLayer: 24 ints");
+    for (int l = 0; l < 4; ++l) {
+      for (int j = 0; j < TENSORS_PER_LINEAR; ++j) lin[l].t[j] = tensors[l * TENSORS_PER_LINEAR + j];
+      lin[l].bits = ints[l * INTS_PER_LINEAR];
+      lin[l].hbits = ints[l * INTS_PER_LINEAR + 1];
+      lin[l].gs = ints[l * INTS_PER_LINEAR + 2];
+      lin[l].sgs = ints[l * INTS_PER_LINEAR + 3];
+    }
+    w_in = tensors[24].to(at::kFloat).contiguous();
+    w_post = tensors[25].to(at::kFloat).contiguous();
+    const int64_t* p = ints.data() + 4 * INTS_PER_LINEAR;
+    H = p[0], KVH = p[1], D = p[2], I = p[3], int8 = p[4], act_block = p[5], small_m = p[6], scratch = p[7];
+    TORCH_CHECK(H > 0 && KVH > 0 && H % KVH == 0 && D > 0 && D % 2 == 0 && I > 0, "DecodeLayer: head geometry");
+  }
+
+  at::Tensor linear(int l, const at::Tensor& x) const {
+    const Linear& L = lin[l];
+    if (int8) {
+      return packed_linear_int8(x, L.t[0], L.t[1], L.t[2], L.t[3], L.t[4], L.t[5], c10::nullopt, L.bits, L.hbits,
+                                L.gs, L.sgs, act_block, small_m, scratch);
+    }
+    return packed_linear(x, L.t[0], L.t[1], L.t[2], L.t[3], L.t[4], L.t[5], c10::nullopt, c10::nullopt, L.bits,
+                         L.hbits, L.gs, L.sgs, small_m, scratch);
+  }
+
+  // h [B, hidden] fp32; k_cache, v_cache [slots, KVH, capacity, D] fp32, written at (slots[b], :, positions[b]);
+  // slots, positions [B] int64; cos, sin [B, D] fp32. Returns the layer's output [B, hidden].
+  at::Tensor forward(const at::Tensor& h_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& slots_t, const at::Tensor& pos_t, const at::Tensor& cos_t,
+                     const at::Tensor& sin_t) const {
+    TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "h: [B, hidden] fp32");
+    const at::Tensor h = h_in.contiguous();
+    const int64_t B = h.size(0), hidden = h.size(1);
+    TORCH_CHECK(w_in.numel() == hidden && w_post.numel() == hidden, "h: ", hidden, " features, norms ",
+                w_in.numel());
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == KVH && k_cache.size(3) == D,
+                "caches: contiguous fp32 [slots, ", KVH, ", capacity, ", D, "]");
+    TORCH_CHECK(slots_t.numel() == B && pos_t.numel() == B && slots_t.scalar_type() == at::kLong &&
+                    pos_t.scalar_type() == at::kLong, "slots, positions: [B] int64");
+    TORCH_CHECK(cos_t.scalar_type() == at::kFloat && sin_t.scalar_type() == at::kFloat && cos_t.numel() == B * D &&
+                    sin_t.numel() == B * D, "cos, sin: [B, D] fp32");
+    const at::Tensor slots = slots_t.contiguous(), pos = pos_t.contiguous();
+    const at::Tensor cs = cos_t.contiguous(), sn = sin_t.contiguous();
+    const int64_t* sl = slots.data_ptr<int64_t>();
+    const int64_t* ps = pos.data_ptr<int64_t>();
+    const int64_t nslots = k_cache.size(0), cap = k_cache.size(2);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(sl[b] >= 0 && sl[b] < nslots && ps[b] >= 0 && ps[b] < cap, "slot ", sl[b], " position ", ps[b],
+                  " outside the cache [", nslots, " slots, ", cap, " positions]");
+    }
+
+    // Attention input and the fused q/k/v projection.
+    at::Tensor x = at::empty_like(h);
+    rms_norm_rows(h.data_ptr<float>(), w_in.data_ptr<float>(), float(eps), B, hidden, x.data_ptr<float>());
+    at::Tensor qkv = linear(0, x).contiguous();  // [B, (H + 2 KVH) D]
+    const int64_t qkv_w = (H + 2 * KVH) * D;
+    TORCH_CHECK(qkv.size(1) == qkv_w, "qkv: ", qkv.size(1), " outputs for ", qkv_w);
+    float* qkvp = qkv.data_ptr<float>();
+    const float* cp = cs.data_ptr<float>();
+    const float* sp = sn.data_ptr<float>();
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    const int64_t slot_stride = KVH * cap * D, head_stride = cap * D;
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qkvp + b * qkv_w;
+      for (int64_t hh = 0; hh < H + KVH; ++hh) rope(row + hh * D, cp + b * D, sp + b * D, D);
+      for (int64_t g = 0; g < KVH; ++g) {
+        float* kd = kc + sl[b] * slot_stride + g * head_stride + ps[b] * D;
+        float* vd = vc + sl[b] * slot_stride + g * head_stride + ps[b] * D;
+        const float* ks = row + (H + g) * D;
+        const float* vs = row + (H + KVH + g) * D;
+        for (int64_t i = 0; i < D; ++i) kd[i] = ks[i], vd[i] = vs[i];
+      }
+    }
+
+    // Attention over each sequence's cached positions 0 .. pos, read in place; one task per (sequence, head).
+    at::Tensor core = at::empty({B, H * D}, h.options());
+    float* corep = core.data_ptr<float>();
+    const float scale = 1.f / std::sqrt(float(D));
+    const int64_t group = H / KVH;
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> score;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, g = hh / group, n = ps[b] + 1;
+        const float* q = qkvp + b * qkv_w + hh * D;
+        const float* kbase = kc + sl[b] * slot_stride + g * head_stride;
+        const float* vbase = vc + sl[b] * slot_stride + g * head_stride;
+        score.resize(n);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          const float* k = kbase + j * D;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
+          score[j] = s * scale;
+          mx = std::max(mx, score[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          score[j] = std::exp(score[j] - mx);
+          sum += score[j];
+        }
+        float* o = corep + b * H * D + hh * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          const float p = score[j];
+          const float* v = vbase + j * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+      }
+    });
+
+    // mid = h + o_proj(core); the gated MLP on rms_norm(mid).
+    at::Tensor mid = linear(1, core).contiguous();
+    float* midp = mid.data_ptr<float>();
+    const float* hp = h.data_ptr<float>();
+    TORCH_CHECK(mid.size(1) == hidden, "o_proj: ", mid.size(1), " outputs for ", hidden);
+    for (int64_t i = 0; i < B * hidden; ++i) midp[i] += hp[i];
+    rms_norm_rows(midp, w_post.data_ptr<float>(), float(eps), B, hidden, x.data_ptr<float>());
+    at::Tensor gu = linear(2, x).contiguous();  // [B, 2 I]: gate then up
+    TORCH_CHECK(gu.size(1) == 2 * I, "gate_up: ", gu.size(1), " outputs for ", 2 * I);
+    at::Tensor act = at::empty({B, I}, h.options());
+    const float* gup = gu.data_ptr<float>();
+    float* ap = act.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < I; ++i) {
+        const float gt = gup[b * 2 * I + i], up = gup[b * 2 * I + I + i];
+        ap[b * I + i] = gt / (1.f + std::exp(-gt)) * up;
+      }
+    }
+    at::Tensor out = linear(3, act).contiguous();
+    TORCH_CHECK(out.size(1) == hidden, "down_proj: ", out.size(1), " outputs for ", hidden);
+    float* op = out.data_ptr<float>();
+    for (int64_t i = 0; i < B * hidden; ++i) op[i] += midp[i];
+    return out;
+  }
+};
+
+TORCH_LIBRARY_FRAGMENT(mamp, m) {
+  m.class_<DecodeLayer>("DecodeLayer")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("forward", &DecodeLayer::forward);
+}

@@ -1,0 +1,111 @@
+"""The native decode layer (kernels/cpu_decode_layer.cpp via kernels/native_decode.py) against the Python stages it
+replaces (kernels/llama_block.py + server/batched_llama.py's attention over the slot cache): cache writes, layer
+outputs and the runner's logits, over ragged positions, non-dense slots and GQA; and where it is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamp.kernels.checkpoint import load_checkpoint
+from mamp.server.batched_llama import BatchedLlama
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory):
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import quantize_model
+
+    torch.manual_seed(0)
+    model = tiny_llama(inter=144, tie=False)  # hidden 64, 4 heads of 16, 2 KV heads; FFN 144 = 9 tiles
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64)
+    out = tmp_path_factory.mktemp("native") / "ckpt"
+    save_quantized(quantize_model(model, spec, None, progress=False), tiny_tokenizer(), out)
+    return out
+
+
+def runner_for(packed_dir, slots: int = 6, max_len: int = 64) -> BatchedLlama:
+    model, _ = load_checkpoint(packed_dir)
+    return BatchedLlama(model, slots, max_len)
+
+
+def python_layer(runner, i, h, k_cache, v_cache, slots, pos):
+    """The Python decode of layer i (as BatchedLlama.decode does it without the native layer)."""
+    blk, b = runner.blocks[i], h.shape[0]
+    cos, sin = runner._rope(pos[:, None])
+    q, k, v = blk.qkv(blk.attn_in(h[:, None]), cos, sin)
+    k_cache[slots, :, pos] = k[:, :, 0]
+    v_cache[slots, :, pos] = v[:, :, 0]
+    length = int(pos.max()) + 1
+    mask = (torch.arange(length)[None] <= pos[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k_cache[slots, :, :length], v_cache[slots, :, :length], attn_mask=mask,
+                                       enable_gqa=True)
+    mid = blk.mid(h[:, None], o.transpose(1, 2).reshape(b, 1, -1))
+    return blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))[:, 0]
+
+
+@pytest.mark.parametrize("activations", ["int8", "float"])
+@torch.inference_mode()
+def test_native_layer_equals_the_python_stages(packed_dir, monkeypatch, activations):
+    monkeypatch.setenv("MAMP_CPU_ACTIVATIONS", activations)
+    runner = runner_for(packed_dir)
+    assert runner.native is not None, runner.native_reason
+    g = torch.Generator().manual_seed(1)
+    slots = torch.tensor([4, 0, 2])  # not dense, not sorted
+    pos = torch.tensor([0, 17, 40])  # a first token, ragged lengths
+    for i, layer in enumerate(runner.native):
+        h = torch.randn(3, 64, generator=g)
+        k0 = torch.randn(runner.cache.k[i].shape, generator=g)
+        v0 = torch.randn(runner.cache.v[i].shape, generator=g)
+        k_ref, v_ref = k0.clone(), v0.clone()
+        ref = python_layer(runner, i, h, k_ref, v_ref, slots, pos)
+        cos, sin = runner._rope(pos[:, None])
+        k, v = k0.clone(), v0.clone()
+        out = layer.forward(h, k, v, slots, pos, cos.view(3, -1), sin.view(3, -1))
+        torch.testing.assert_close(k, k_ref, rtol=0, atol=1e-5)  # only the new positions changed, as in torch
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@torch.inference_mode()
+def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations):
+    """Several steps of batched decode, native against the Python stages (fp32 activations: equal to rounding)."""
+    runner = runner_for(packed_dir)
+    native = runner.native
+    assert native is not None
+    prompts = {1: [5, 6, 7], 3: [9] * 11, 4: [3, 1, 4, 1, 5]}
+    logits = {}
+    for mode in ("python", "native"):
+        runner.native = native if mode == "native" else None
+        for slot, ids in prompts.items():
+            runner.prefill(slot, ids)
+        slots, pos = list(prompts), [len(ids) for ids in prompts.values()]
+        steps = []
+        for step in range(4):
+            steps.append(runner.decode(slots, [10 + step] * 3, [p + step for p in pos]))
+        logits[mode] = torch.stack(steps)
+    torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_native_layer_refuses_a_position_outside_the_cache(packed_dir):
+    runner = runner_for(packed_dir, max_len=64)
+    cap = runner.cache.k[0].shape[2]
+    cos, sin = runner._rope(torch.tensor([[cap]]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        runner.native[0].forward(torch.zeros(1, 64), runner.cache.k[0], runner.cache.v[0], torch.tensor([0]),
+                                 torch.tensor([cap]), cos.view(1, -1), sin.view(1, -1))
+
+
+def test_where_the_native_step_does_not_apply(packed_dir, monkeypatch):
+    runner = BatchedLlama(tiny_llama(inter=144), 6, 64)  # nn.Linear layers
+    assert runner.native is None and "not fused packed layers" in runner.native_reason
+    monkeypatch.setenv("MAMP_NATIVE_DECODE", "0")
+    runner = runner_for(packed_dir)
+    assert runner.native is None and runner.native_reason == "MAMP_NATIVE_DECODE=0"
