@@ -1,7 +1,7 @@
 """Serving benchmark: mamp and its peers (llama.cpp's llama-server, vLLM) as live servers on loopback, driven by
 1/4/16 concurrent streaming clients, the systems measured one at a time in alternating rounds.
 
-    python benchmarks/serve.py --mamp b4=CKPT [--mamp fp32=FLOAT_CKPT] \
+    python benchmarks/serve.py --mamp b4=CKPT [--mamp 'b4-2t=CKPT --threads 2'] [--mamp fp32=FLOAT_CKPT] \
         [--llama-server BIN --gguf q4_0=Q4_0.gguf --gguf q8_0=Q8_0.gguf] \
         [--vllm-python VENV/bin/python --vllm fp32=HF_FOLDER] \
         [--concurrency 1 4 16] [--rounds 2] [--requests-per-client 3] [--max-tokens 128] [--plot serve.png]
@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -48,6 +49,7 @@ class System:
     label: str
     model: str
     kind: str
+    extra: tuple[str, ...] = ()  # this system's own extra server flags
 
 
 @dataclass
@@ -127,18 +129,19 @@ def server_command(system: System, port: int, args) -> tuple[list[str], dict[str
     if system.kind == "mamp":
         cmd = [sys.executable, "-m", "mamp.server", "--model", system.model, "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", system.label, "--device", args.device,
-               "--max-num-seqs", str(slots), *args.server_arg]
+               "--max-num-seqs", str(slots), *args.server_arg, *system.extra]
         return cmd, {}
     if system.kind == "llama.cpp":
         # One KV slot per client; each slot gets the context it needs (prompt + generation, with room to spare).
         ctx = slots * max(512, 2 * args.max_tokens + 128)
         cmd = [args.llama_server, "-m", system.model, "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(slots), "-c", str(ctx), "--alias", system.label, "--no-webui", *args.llama_arg]
+               "-np", str(slots), "-c", str(ctx), "--alias", system.label, "--no-webui", *args.llama_arg, *system.extra]
         return cmd, {}
     if system.kind == "vllm":
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", system.model,
                "--served-model-name", system.label, "--host", "127.0.0.1", "--port", str(port),
-               "--max-num-seqs", str(slots), "--max-model-len", "2048", "--dtype", "float32", *args.vllm_arg]
+               "--max-num-seqs", str(slots), "--max-model-len", "2048", "--dtype", "float32", *args.vllm_arg,
+               *system.extra]
         return cmd, {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                      "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     raise ValueError(f"unknown system kind {system.kind!r}")
@@ -212,7 +215,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
 async def run_level(server: ServerProcess, label: str, round_: int, concurrency: int, per_client: int,
                     body: dict) -> LevelResult:
     result = LevelResult(label, round_, concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A fresh connection per request: llama-server closes idle keep-alive connections, and a request sent on one
+    # it has just closed fails with "Server disconnected"; every system is driven the same way.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         async def client_loop() -> None:
             for _ in range(per_client):
@@ -244,6 +249,9 @@ def bench_system(system: System, round_: int, args) -> list[LevelResult]:
             out.append(asyncio.run(run_level(server, system.label, round_, c, args.requests_per_client, body)))
             print(f"    {c:>3} clients: {out[-1].tokens_per_s:7.1f} tok/s", file=sys.stderr)
         return out
+    except Exception:
+        print(f"server log of {system.label} (last lines):\n{server.tail()}", file=sys.stderr)
+        raise
     finally:
         server.stop()
 
@@ -260,7 +268,8 @@ def markdown(systems: list[System], results: list[LevelResult], concurrency: lis
             rs = pooled(results, s.label, c)
             ttft = [t for r in rs for t in r.ttft]
             itl = [t for r in rs for t in r.itl]
-            rows.append(f"| {s.label} | {s.kind}: {Path(s.model).name} | {c} "
+            flags = f" `{' '.join(s.extra)}`" if s.extra else ""
+            rows.append(f"| {s.label} | {s.kind}: {Path(s.model).name}{flags} | {c} "
                         f"| {' / '.join(f'{r.tokens_per_s:.1f}' for r in rs)} "
                         f"| {1e3 * percentile(ttft, 50):.0f} / {1e3 * percentile(ttft, 99):.0f} "
                         f"| {1e3 * percentile(itl, 50):.1f} / {1e3 * percentile(itl, 99):.1f} "
@@ -312,22 +321,27 @@ def plot(systems: list[System], results: list[LevelResult], concurrency: list[in
     fig.savefig(path, dpi=120)
 
 
-def labelled(spec: str, flag: str) -> tuple[str, str]:
-    label, sep, path = spec.partition("=")
-    if not sep or not label or not path:
-        raise SystemExit(f"serve.py: {flag} wants LABEL=PATH, got {spec!r}")
-    return label, path
+def system(spec: str, flag: str, kind: str) -> System:
+    """LABEL=PATH [FLAG ...]: a system, with server flags of its own after the path."""
+    label, sep, rest = spec.partition("=")
+    words = shlex.split(rest)
+    if not sep or not label or not words:
+        raise SystemExit(f"serve.py: {flag} wants LABEL=PATH [FLAGS], got {spec!r}")
+    return System(label, words[0], kind, tuple(words[1:]))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mamp", action="append", default=[], metavar="LABEL=CKPT", help="a mamp server on CKPT")
+    p.add_argument("--mamp", action="append", default=[], metavar="'LABEL=CKPT [FLAGS]'",
+                   help="a mamp server on CKPT, with its own extra server flags if given")
     p.add_argument("--packed", help="shorthand for --mamp packed=CKPT")
     p.add_argument("--float", dest="float_", help="shorthand for --mamp float=CKPT")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary (for --gguf)")
-    p.add_argument("--gguf", action="append", default=[], metavar="LABEL=FILE", help="llama-server on FILE")
+    p.add_argument("--gguf", action="append", default=[], metavar="'LABEL=FILE [FLAGS]'",
+                   help="llama-server on FILE")
     p.add_argument("--vllm-python", help="python of an environment with vLLM installed (for --vllm)")
-    p.add_argument("--vllm", action="append", default=[], metavar="LABEL=FOLDER", help="vLLM on a HF folder")
+    p.add_argument("--vllm", action="append", default=[], metavar="'LABEL=FOLDER [FLAGS]'",
+                   help="vLLM on a HF folder")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds over all systems")
     p.add_argument("--requests-per-client", type=int, default=4)
@@ -340,11 +354,11 @@ def main(argv=None) -> None:
     p.add_argument("--plot", help="write tokens/s against clients to this image (needs matplotlib)")
     args = p.parse_args(argv)
 
-    systems = [System(*labelled(spec, "--mamp"), "mamp") for spec in args.mamp]
+    systems = [system(spec, "--mamp", "mamp") for spec in args.mamp]
     systems += [System(label, path, "mamp") for label, path in (("packed", args.packed), ("float", args.float_))
                 if path]
-    systems += [System(*labelled(spec, "--gguf"), "llama.cpp") for spec in args.gguf]
-    systems += [System(*labelled(spec, "--vllm"), "vllm") for spec in args.vllm]
+    systems += [system(spec, "--gguf", "llama.cpp") for spec in args.gguf]
+    systems += [system(spec, "--vllm", "vllm") for spec in args.vllm]
     if not systems:
         p.error("give at least one of --mamp/--packed/--float, --gguf, --vllm")
     if len({s.label for s in systems}) != len(systems):
