@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -33,6 +34,9 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads for the model (default: all cores but one, which the HTTP side and tokenizer "
                         "need: on 2 cores one client streamed 1.5x faster with 1 thread than with 2)")
+    p.add_argument("--threads-batch", type=int, default=d.threads_batch,
+                   help="CPU threads for engine steps of 8 or more rows (decode batches, prefill chunks; default: "
+                        "all cores when --threads is left to its default, else --threads)")
     p.add_argument("--cpu-activations", choices=["auto", "int8", "float"], default=d.cpu_activations,
                    help="CPU decode kernel for h = b layers: int8 activations with integer dot products, or fp32 "
                         "(auto: $MAMP_CPU_ACTIVATIONS, else int8)")
@@ -46,17 +50,22 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
         p.error(str(exc))
 
 
-def default_threads() -> int:
-    """All of torch's threads but one: the event loop, the tokenizer worker and the SSE writes need a core, and
-    model threads that lose theirs stall at every barrier (docs/RESULTS.md: on 2 cores, one streaming client got
-    69.3 / 67.8 tok/s with 1 thread against 44.3 / 47.1 with 2; 16 clients 4 % fewer)."""
-    return max(1, torch.get_num_threads() - 1)
+def resolve_threads(config: ServerConfig, cores: int) -> ServerConfig:
+    """The config with both thread counts set: --threads (default all cores but one: the event loop, the tokenizer
+    worker and the SSE writes need a core, and model threads that lose theirs stall at every barrier; on 2 cores
+    one streaming client got 1.5x the tokens/s with 1 thread than with 2) and --threads-batch for steps of
+    Engine.BATCH_ROWS rows or more (default all cores when --threads is left to its default, else --threads: on
+    2 cores 16 clients got 1.39x the tokens/s with 2 threads there; docs/RESULTS.md)."""
+    threads = config.threads or max(1, cores - 1)
+    batch = config.threads_batch or (cores if config.threads is None else threads)
+    return dataclasses.replace(config, threads=threads, threads_batch=batch)
 
 
 def main(argv=None, prog: str = "python -m mamp.server") -> None:
     config = parse_args(argv, prog)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(config.threads or default_threads())
+    config = resolve_threads(config, torch.get_num_threads())
+    torch.set_num_threads(config.threads)
     try:
         runtime = build_runtime(config)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve

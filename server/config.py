@@ -30,6 +30,10 @@ class ServerConfig:
     verify: bool = True             # check the checkpoint's files against its manifest (sizes, sha256) at load
     max_request_bytes: int = 4 << 20  # larger request bodies get 413 before they are read; 0: no limit
     threads: Optional[int] = None   # torch CPU threads; None: all of torch's but one (server/__main__.py)
+    # Threads for engine steps of at least Engine.BATCH_ROWS rows (a decode batch or a prefill chunk), where the
+    # compute outweighs what the HTTP side loses; None: all of torch's threads when `threads` is left to its
+    # default, else `threads` (like llama.cpp's --threads-batch)
+    threads_batch: Optional[int] = None
     # Decode activations of the CPU kernel for h = b layers: int8 (integer dot products) or float; auto keeps
     # MAMP_CPU_ACTIVATIONS (default int8)
     cpu_activations: CpuActivations = "auto"
@@ -43,6 +47,8 @@ class ServerConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads_batch is not None and self.threads_batch < 1:
+            raise ValueError(f"threads_batch must be >= 1, got {self.threads_batch}")
         if self.max_request_bytes < 0:
             raise ValueError(f"max_request_bytes must be >= 0, got {self.max_request_bytes}")
         if self.cpu_activations not in ("auto", "int8", "float"):

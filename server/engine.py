@@ -63,10 +63,22 @@ class _Sequence:
 
 
 class Engine:
+    # Rows (decode batch, prefill chunk) from which a step runs on threads[1] rather than threads[0]. On 2 cores
+    # (docs/RESULTS.md, 2026-11-28): one model thread served 1 and 4 streaming clients 1.46x / 1.15x faster than
+    # two (the HTTP side keeps the second core), two threads served 16 clients 1.08-1.12x faster than one.
+    BATCH_ROWS = 8
+
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
-                 on_finished: Callable[[RequestStats], None] = lambda stats: None, max_prefill_tokens: int = 64):
+                 on_finished: Callable[[RequestStats], None] = lambda stats: None, max_prefill_tokens: int = 64,
+                 threads: Optional[tuple[int, int]] = None):
+        """threads: (for small steps, for steps of BATCH_ROWS rows or more), set with torch.set_num_threads by
+        the engine thread before each step; None leaves torch's setting alone."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if threads is not None and min(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self._threads_now = 0
         self.runner, self.tokenizer = runner, tokenizer
         self.max_prefill_tokens = max_prefill_tokens
         self._prefilling: deque[_Sequence] = deque()  # admitted (slot held), prompt not yet fully cached
@@ -181,6 +193,7 @@ class Engine:
             left = len(seq.prompt_ids) - seq.prefilled
             n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
             try:
+                self._use_threads(n)
                 logits = self.runner.prefill(seq.slot, seq.prompt_ids[seq.prefilled:seq.prefilled + n],
                                              all_logits=want_prompt, start=seq.prefilled)
                 seq.prefilled += n
@@ -205,6 +218,7 @@ class Engine:
         if not seqs:
             return
         try:
+            self._use_threads(len(seqs))
             logits = self.runner.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
                                         [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs])
         except Exception as exc:
@@ -218,6 +232,14 @@ class Engine:
             except Exception as exc:
                 logger.exception("sampling failed for sequence %d", seq.seq_id)
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+
+    def _use_threads(self, rows: int) -> None:
+        if self.threads is None:
+            return
+        want = self.threads[1] if rows >= self.BATCH_ROWS else self.threads[0]
+        if want != self._threads_now:
+            torch.set_num_threads(want)
+            self._threads_now = want
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor, prompt_lps: Optional[list] = None) -> None:
         """Samples the next token of `seq` from logits [V] and hands it out."""

@@ -56,7 +56,8 @@ def build_runtime(config: ServerConfig) -> Runtime:
     runner = BatchedLlama(model, config.max_num_seqs, max_len)
     engine = Engine(runner, tokenizer, config.max_num_seqs, config.max_queue,
                     on_finished=lambda stats: metrics.observe_finished(stats),
-                    max_prefill_tokens=config.max_prefill_tokens)
+                    max_prefill_tokens=config.max_prefill_tokens,
+                    threads=(config.threads, config.threads_batch) if config.threads and config.threads_batch else None)
     metrics = ServerMetrics(config.model_name, info, engine.snapshot)
     ctx = ServingContext(engine, tokenizer, config.model_name, max_len, runner.vocab_size, _eos_ids(model, tokenizer))
     return Runtime(config, info, engine, metrics, CompletionService(ctx), ChatService(ctx), max_len)

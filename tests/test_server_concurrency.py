@@ -139,3 +139,32 @@ def test_chunked_prefill_gives_the_same_text_and_keeps_streams_moving(start_serv
     # Between any two chunks of the long prompt the short stream decoded: it never waited for the whole prefill.
     for a, b in zip(chunks, chunks[1:]):
         assert any(kind == "decode" for kind, _ in calls[a + 1:b]), calls[a:b + 1]
+
+
+def test_engine_runs_big_steps_on_more_threads(start_server, tiny_llama_dir):
+    """threads=1, threads_batch=2: decode batches and prefill chunks of Engine.BATCH_ROWS rows or more run on 2
+    torch threads, smaller ones on 1 (set by the engine thread before each step)."""
+    import torch
+
+    from mamp.server.engine import Engine
+
+    server = start_server(model=str(tiny_llama_dir), served_model_name="tiny", threads=1, threads_batch=2)
+    runner = server.runtime.engine.runner
+    calls = []
+    runner.prefill = lambda slot, ids, *a, **kw: calls.append((len(ids), torch.get_num_threads())) or \
+        type(runner).prefill(runner, slot, ids, *a, **kw)
+    runner.decode = lambda slots, *rest: calls.append((len(slots), torch.get_num_threads())) or \
+        type(runner).decode(runner, slots, *rest)
+
+    async def many():
+        client = server.async_client()
+        return await asyncio.gather(*(client.completions.create(model="tiny", prompt=p, max_tokens=6,
+                                                                extra_body={"ignore_eos": True})
+                                      for p in [PROMPTS[0], " ".join(PROMPTS * 2)] * 5))
+
+    try:
+        asyncio.run(many())
+    finally:
+        del runner.prefill, runner.decode
+    assert {rows >= Engine.BATCH_ROWS for rows, _ in calls} == {True, False}
+    assert all(threads == (2 if rows >= Engine.BATCH_ROWS else 1) for rows, threads in calls), calls
