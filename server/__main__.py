@@ -5,12 +5,14 @@ import argparse
 import dataclasses
 import logging
 import sys
+import threading
 
 import torch
 import uvicorn
 
 from .app import create_app
 from .config import ServerConfig
+from .loading import LoadingApp
 from .runtime import build_runtime
 
 
@@ -66,15 +68,31 @@ def main(argv=None, prog: str = "python -m mamp.server") -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = resolve_threads(config, torch.get_num_threads())
     torch.set_num_threads(config.threads)
-    try:
-        runtime = build_runtime(config)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve
-        logging.getLogger(__name__).debug("start-up failed", exc_info=True)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    app = create_app(runtime)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    log = logging.getLogger(__name__)
+    # The port is bound at once and answers 503 "loading" while the model and kernels load on a thread (a big
+    # checkpoint takes a while to read and verify); then the real app serves.
+    app = LoadingApp()
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
+    failure: list[str] = []
 
+    def load() -> None:
+        try:
+            app.ready(create_app(build_runtime(config)))
+            log.info("model loaded: serving %s", config.model_name)
+        except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve
+            log.debug("start-up failed", exc_info=True)
+            failure.append(" ".join(str(e).split()))
+            server.should_exit = True
+        except BaseException as e:
+            log.exception("start-up failed")
+            failure.append(f"start-up failed: {type(e).__name__}: {e}")
+            server.should_exit = True
+
+    threading.Thread(target=load, name="mamp-load", daemon=True).start()
+    server.run()
+    if failure:
+        print(f"error: {failure[0]}", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
     main()
