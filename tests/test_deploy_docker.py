@@ -103,9 +103,24 @@ def test_base_image_is_chosen_by_variant_argument():
     assert named["base-cuda"][0] == ("FROM", "${CUDA_IMAGE}")
     cuda_runs = " ".join(a for k, a in named["base-cuda"] if k == "RUN")
     assert re.search(r"apt-get install .*\bgcc\b", cuda_runs), "Triton needs a C compiler at run time"
+    cpu_args = [a for k, a in named["base-cpu"] if k == "ARG"]
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu_args  # the public default, overridable
     cpu_runs = " ".join(a for k, a in named["base-cpu"] if k == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu_runs and "torch==" in cpu_runs
+    assert '--index-url "$TORCH_INDEX_URL"' in cpu_runs and "torch==${TORCH_VERSION}" in cpu_runs
     assert final_stage()[0] == ("FROM", "base-${VARIANT}")
+
+
+def test_no_frontend_image_is_fetched():
+    """A `# syntax=` line makes BuildKit pull a frontend image from a registry, which offline builders lack."""
+    assert not any(line.lower().startswith("# syntax") for line in DOCKERFILE.read_text().splitlines())
+
+
+def test_cpu_variant_leaves_triton_out_and_compiles_the_kernels_at_build():
+    runs = " ".join(a for k, a in final_stage() if k == "RUN")
+    assert '--exclude "$([ "$VARIANT" = cpu ] && echo triton)"' in runs
+    assert "load_extension()" in runs, "the CPU kernels must be compiled when the image is built"
+    assert "triton" not in run_requirements("--exclude", "triton") and any(
+        l.startswith("triton") for l in run_requirements("--exclude", ""))
 
 
 def test_final_stage_runs_as_non_root_user():
@@ -219,6 +234,21 @@ def run_entrypoint(bin_dir: Path, *args: str, **env: str) -> list[str]:
 )
 def test_entrypoint_dispatch(fake_python, args, env, expected):
     assert run_entrypoint(fake_python, *args, **env) == expected
+
+
+@pytest.mark.parametrize("args, env, port", [
+    (["--model", "/m"], {}, "8000"),
+    (["--model", "/m"], {"MAMP_PORT": "9000"}, "9000"),
+    (["--model", "/m", "--port", "9100"], {"MAMP_PORT": "9000"}, "9100"),
+    (["--port=9200", "--model", "/m"], {}, "9200"),
+    (["serve", "--port", "9300", "--port", "9400"], {}, "9400"),
+])
+def test_entrypoint_records_the_port_it_serves_for_the_healthcheck(fake_python, tmp_path, args, env, port):
+    port_file = tmp_path / "port"
+    argv = run_entrypoint(fake_python, *args, MAMP_PORT_FILE=str(port_file), **env)
+    assert port_file.read_text().strip() == port
+    served = [argv[i + 1] for i, a in enumerate(argv) if a == "--port"] + [a[7:] for a in argv if a.startswith("--port=")]
+    assert served[-1] == port  # what the server binds (argparse: the last --port wins)
 
 
 def test_entrypoint_runs_other_commands_as_given(fake_python):
