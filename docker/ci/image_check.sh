@@ -54,4 +54,38 @@ if ! "$PYTHON" docker/ci/smoke.py "http://127.0.0.1:$PORT" stories; then
   exit 1
 fi
 podman healthcheck run "$NAME" && echo "ok: HEALTHCHECK passes on port $PORT"
+
+# A real Prometheus (Debian's package, on the host) scrapes the container; the weight saving read back through
+# its HTTP API, as the Grafana dashboard reads it.
+if command -v prometheus >/dev/null; then
+  PROM_PORT=$((PORT + 1))
+  cat >"$WORK/prometheus.yml" <<YAML
+global: {scrape_interval: 1s}
+scrape_configs:
+  - job_name: mamp
+    static_configs: [{targets: ["127.0.0.1:$PORT"]}]
+YAML
+  prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/prom" \
+    --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prom.log" 2>&1 &
+  PROM_PID=$!
+  trap 'kill $PROM_PID 2>/dev/null || true; cleanup' EXIT
+  "$PYTHON" - "$PROM_PORT" <<'PY' || { tail -20 "$WORK/prom.log"; exit 1; }
+import sys, time, httpx
+url = f"http://127.0.0.1:{sys.argv[1]}/api/v1/query"
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    try:
+        result = httpx.get(url, params={"query": "mamp:weight_memory_saving_ratio"}, timeout=5).json()["data"]["result"]
+        if result:
+            print(f"ok: Prometheus scraped the container: weight saving ratio {float(result[0]['value'][1]):.3f} "
+                  f"({result[0]['metric'].get('model_name')})")
+            sys.exit(0)
+    except (httpx.HTTPError, KeyError, ValueError):
+        pass
+    time.sleep(1)
+sys.exit("FAIL: Prometheus has no mamp:weight_memory_saving_ratio after 90 s")
+PY
+else
+  echo "Prometheus step skipped: no prometheus binary (Debian package prometheus)"
+fi
 echo "image check done in $((SECONDS - t0)) s"
