@@ -100,8 +100,10 @@ def load_extension():
             _ext = load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(build),
                         extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler / headers / ninja: the torch path still works
-            _ext_error = f"{type(e).__name__}: {e}".strip()[:500]
-            log.warning("mamp CPU extension unavailable, using the torch path: %s", _ext_error)
+            full = f"{type(e).__name__}: {e}".strip()
+            # The compiler's own error is at the end of a long build log: the short form keeps both ends.
+            _ext_error = full if len(full) <= 600 else f"{full[:250]} ... {full[-350:]}"
+            log.warning("mamp CPU extension unavailable, using the torch path (the full reason follows):\n%s", full)
     return _ext
 
 
