@@ -36,9 +36,9 @@ ARG PIP_CERT
 RUN if ! command -v g++ >/dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
     fi
-# (torch is pinned: hadolint does not see the pin through the optional --index-url)
+# torch/test holds the wheel's own test programs (83 MB), never used by a server. (torch is pinned: hadolint does
+# not see the pin through the optional --index-url.)
 # hadolint ignore=DL3013
-# torch/test holds the wheel's own test programs (83 MB), never used by a server.
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
     && rm -rf "$(python -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('torch').origin))")/test"
 
@@ -91,8 +91,9 @@ RUN python -c "from mamp.kernels import cpu_matmul as m; assert m.load_extension
 
 USER 10001:10001
 EXPOSE 8000
-# The entrypoint writes the port it serves (MAMP_PORT or a --port given to the server) to /tmp/mamp.port.
+# The entrypoint writes the port it serves (MAMP_PORT or a --port given to the server) to /tmp/mamp.port
+# ($MAMP_PORT_FILE).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; p = open('/tmp/mamp.port').read().strip() if os.path.exists('/tmp/mamp.port') else os.environ.get('MAMP_PORT', '8000'); urllib.request.urlopen('http://127.0.0.1:%s/health' % p, timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; f = os.environ.get('MAMP_PORT_FILE', '/tmp/mamp.port'); p = open(f).read().strip() if os.path.exists(f) else os.environ.get('MAMP_PORT', '8000'); urllib.request.urlopen('http://127.0.0.1:%s/health' % p, timeout=4)"]
 ENTRYPOINT ["/usr/local/bin/mamp-entrypoint"]
 CMD ["--model", "/models/ckpt"]

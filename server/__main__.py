@@ -73,12 +73,17 @@ def main(argv=None, prog: str = "python -m mamp.server") -> None:
     # checkpoint takes a while to read and verify); then the real app serves.
     app = LoadingApp()
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
+    # uvicorn's start-up lines wait until the model serves: a checkpoint refused while loading ends in one error line.
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_level = uvicorn_log.level
+    uvicorn_log.setLevel(max(uvicorn_level, logging.WARNING))
     failure: list[str] = []
 
     def load() -> None:
         try:
             app.ready(create_app(build_runtime(config)))
-            log.info("model loaded: serving %s", config.model_name)
+            uvicorn_log.setLevel(uvicorn_level)
+            log.info("serving %s on http://%s:%d", config.model_name, config.host, config.port)
         except (OSError, ValueError) as e:  # CheckpointError is a ValueError: a checkpoint we will not serve
             log.debug("start-up failed", exc_info=True)
             failure.append(" ".join(str(e).split()))

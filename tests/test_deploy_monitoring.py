@@ -208,14 +208,16 @@ def mamp_server(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAMP_")}
     # MAMP_HOST keeps the server on loopback; --port, given after the entrypoint's default, must win.
+    port_file = workdir / "mamp.port"  # where the entrypoint records the port it serves, for the HEALTHCHECK
     env.update(MAMP_HOST="127.0.0.1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MAMP_PORT_FILE=str(port_file))
     command = ["bash", str(DOCKER / "entrypoint.sh"), "--model", str(TINY_MODEL), "--port", str(port),
                "--served-model-name", SERVED_NAME, "--device", "cpu", "--max-num-seqs", "2"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = Live(f"http://127.0.0.1:{port}", process)
+    server.port_file = port_file
     try:
         wait_until(lambda: server.get("/health").status_code == 200, process, log, 180, "mamp server")
         completion = httpx.post(server.url + "/v1/completions", timeout=120, json={
@@ -263,8 +265,15 @@ def test_image_healthcheck_passes_against_the_live_server(mamp_server):
     check = json.loads(re.search(r"^HEALTHCHECK .*? CMD (\[.*\])$", dockerfile, re.MULTILINE).group(1))
     check[0] = sys.executable if check[0] == "python" else check[0]
     port = mamp_server.url.rsplit(":", 1)[1]
-    assert subprocess.run(check, env={**os.environ, "MAMP_PORT": port}, timeout=30).returncode == 0
-    dead = subprocess.run(check, env={**os.environ, "MAMP_PORT": str(free_port())}, capture_output=True, timeout=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAMP_")}
+    # the port the entrypoint recorded (it was given as --port), whatever MAMP_PORT says
+    assert mamp_server.port_file.read_text().strip() == port
+    recorded = {**env, "MAMP_PORT_FILE": str(mamp_server.port_file), "MAMP_PORT": str(free_port())}
+    assert subprocess.run(check, env=recorded, timeout=30).returncode == 0
+    assert subprocess.run(check, env={**env, "MAMP_PORT_FILE": "/nonexistent", "MAMP_PORT": port},
+                          timeout=30).returncode == 0
+    dead = subprocess.run(check, env={**env, "MAMP_PORT_FILE": "/nonexistent", "MAMP_PORT": str(free_port())},
+                          capture_output=True, timeout=30)
     assert dead.returncode != 0
 
 
