@@ -57,6 +57,7 @@ class BatchedLlama:
                                  max_model_len, self.device, self.dtype)
         # The decode step in native code, one call per layer, where every layer allows it (else None and the
         # Python stages serve; kernels/native_decode.py says when it applies).
+        self.head_threads = 0  # threads for the lm_head call (0: as set); the engine sets it (server/engine.py)
         self.native = None
         if self.device.type == "cpu" and self.dtype == torch.float32:
             native = [native_decode_layer(blk) for blk in self.blocks]
@@ -75,7 +76,16 @@ class BatchedLlama:
         return cos, sin
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(rms_norm(self.model.model.norm, h)).float()
+        x = rms_norm(self.model.model.norm, h)
+        threads = self.head_threads
+        if threads and threads != torch.get_num_threads():  # one large call: worth all cores (one barrier)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return self.model.lm_head(x).float()
+            finally:
+                torch.set_num_threads(before)
+        return self.model.lm_head(x).float()
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:

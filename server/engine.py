@@ -65,7 +65,8 @@ class _Sequence:
 class Engine:
     # Rows (decode batch, prefill chunk) from which a step runs on threads[1] rather than threads[0]. On 2 cores
     # (docs/RESULTS.md, 2026-11-28): one model thread served 1 and 4 streaming clients 1.46x / 1.15x faster than
-    # two (the HTTP side keeps the second core), two threads served 16 clients 1.08-1.12x faster than one.
+    # two (the HTTP side keeps the second core), two threads served 16 clients 1.08-1.12x faster than one. The
+    # lm_head always runs on threads[1] (one call, one barrier: one client 1.04x, median of 4 rounds).
     BATCH_ROWS = 8
 
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
@@ -79,6 +80,8 @@ class Engine:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
         self._threads_now = 0
+        if threads is not None:  # the lm_head is one large call per step: all threads pay even for one row
+            runner.head_threads = threads[1]
         self.runner, self.tokenizer = runner, tokenizer
         self.max_prefill_tokens = max_prefill_tokens
         self._prefilling: deque[_Sequence] = deque()  # admitted (slot held), prompt not yet fully cached

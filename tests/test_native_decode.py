@@ -109,3 +109,19 @@ def test_where_the_native_step_does_not_apply(packed_dir, monkeypatch):
     monkeypatch.setenv("MAMP_NATIVE_DECODE", "0")
     runner = runner_for(packed_dir)
     assert runner.native is None and runner.native_reason == "MAMP_NATIVE_DECODE=0"
+
+
+@torch.inference_mode()
+def test_lm_head_runs_on_its_own_thread_count_and_restores_it(packed_dir):
+    runner = runner_for(packed_dir)
+    h = torch.randn(2, 64)
+    ref = runner._logits(h)
+    runner.head_threads = 2
+    seen = []
+    hook = runner.model.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    try:
+        out = runner._logits(h)
+    finally:
+        hook.remove()
+    assert seen == [2] and torch.get_num_threads() == 1  # one_thread fixture: restored afterwards
+    torch.testing.assert_close(out, ref)

@@ -166,5 +166,6 @@ def test_engine_runs_big_steps_on_more_threads(start_server, tiny_llama_dir):
         asyncio.run(many())
     finally:
         del runner.prefill, runner.decode
+    assert runner.head_threads == 2  # the lm_head: one large call, all threads whatever the batch
     assert {rows >= Engine.BATCH_ROWS for rows, _ in calls} == {True, False}
     assert all(threads == (2 if rows >= Engine.BATCH_ROWS else 1) for rows, threads in calls), calls
