@@ -1,0 +1,148 @@
+"""mamp checkpoints served by vLLM's engine: a quantization method named "mamp", registered through vLLM's plugin
+entry point (pyproject.toml: [project.entry-points."vllm.general_plugins"] mamp = "mamp.vllm_plugin:register").
+
+vLLM reads `quant_method: "mamp"` from a checkpoint's config.json and builds `MampConfig` from its
+`quantization_config` with the format's own typed config (kernels/checkpoint.QuantizationConfig). Each linear
+layer named in it gets the packed tensors of its PackSpec (kernels/packing.PackSpec.shapes, the one source of the
+layout) as vLLM parameters whose output dimension is dim 1 and input (packed) dimension dim 0, like GPTQ's, so
+vLLM's column-parallel, fused q/k/v and gate/up loaders slice them along the outputs; `apply` calls the kernel that
+mamp's own dispatch chooses for the layer (the C++ CPU kernels on the CPU, Triton on CUDA: registered ops with
+fake kernels, so vLLM's torch.compile traces them). Layers not in the config stay unquantized.
+
+Not yet: a packed lm_head or embedding (quantize with --head-bits 0 for vLLM), and row-parallel sharding of the
+input dimension (tensor parallelism over o_proj / down_proj needs K per rank on 128-row boundaries; checked).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+NAME = "mamp"
+_registered = False
+
+
+def register() -> None:
+    """vLLM's plugin hook, called in every vLLM process; idempotent."""
+    global _registered
+    if _registered:
+        return
+    _define_and_register()
+    _registered = True
+
+
+def fused_spec(specs: list, name: str):
+    """One PackSpec for layers served as one fused vLLM layer (q/k/v, gate/up): the same input and widths, their
+    outputs side by side. Raises ValueError where the parts differ (vLLM fuses them into one weight)."""
+    same = {dataclasses.replace(s, out_features=1) for s in specs}
+    if len(same) != 1:
+        raise ValueError(f"mamp: the parts of {name} differ in input or widths ({specs}); vLLM fuses them into one "
+                         f"layer, which needs one width")
+    return dataclasses.replace(specs[0], out_features=sum(s.out_features for s in specs))
+
+
+def _define_and_register() -> None:
+    from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
+                                                   register_weight_loader_v2_supported_method)
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig as VllmQuantConfig
+    from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+
+    from mamp.kernels.checkpoint import QuantizationConfig
+    from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor
+    from mamp.kernels.dispatch import choose_kernel
+    from mamp.kernels.packed_linear import TILED_KERNELS
+    from mamp.kernels.packing import TENSOR_NAMES, PackedWeight
+
+    @register_quantization_config(NAME)
+    class MampConfig(VllmQuantConfig):
+        def __init__(self, config: QuantizationConfig) -> None:
+            super().__init__()
+            self.config = config
+
+        def get_name(self) -> str:
+            return NAME
+
+        def get_supported_act_dtypes(self) -> list[torch.dtype]:
+            return [torch.float32, torch.bfloat16, torch.float16]
+
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return 70  # Triton's floor on CUDA; not checked on the CPU
+
+        @staticmethod
+        def get_config_filenames() -> list[str]:
+            return []  # quantization_config lives in config.json
+
+        @classmethod
+        def from_config(cls, config: dict[str, Any]) -> "MampConfig":
+            q = QuantizationConfig.from_dict(config)
+            if "lm_head" in q.layers:
+                raise ValueError("mamp: this checkpoint packs its lm_head (and tied embedding), which vLLM's plugin "
+                                 "does not serve yet; quantize with --head-bits 0 for vLLM")
+            return cls(q)
+
+        def spec_for(self, prefix: str):
+            """The PackSpec of the vLLM layer `prefix` (fused names expanded), or None if it is not packed."""
+            layers = self.config.layers
+            if prefix in layers:
+                return layers[prefix]
+            head, _, fused = prefix.rpartition(".")
+            parts = self.packed_modules_mapping.get(fused)
+            if not parts:
+                return None
+            names = [f"{head}.{p}" if head else p for p in parts]
+            found = [n in layers for n in names]
+            if not any(found):
+                return None
+            if not all(found):
+                raise ValueError(f"mamp: {prefix} is packed only in part ({names}); vLLM needs all or none")
+            return fused_spec([layers[n] for n in names], prefix)
+
+        def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+            if not isinstance(layer, LinearBase):
+                return None  # embeddings, attention: vLLM's own
+            spec = self.spec_for(prefix)
+            return UnquantizedLinearMethod() if spec is None else MampLinearMethod(spec, prefix)
+
+    @register_weight_loader_v2_supported_method
+    class MampLinearMethod(LinearMethodBase):
+        def __init__(self, spec, prefix: str) -> None:
+            self.spec, self.prefix = spec, prefix
+
+        def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                           output_partition_sizes: list[int], input_size: int, output_size: int,
+                           params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+            if input_size_per_partition != self.spec.in_features:
+                # row-parallel sharding: every packed tensor must split on its own row boundaries
+                raise NotImplementedError(f"mamp: {self.prefix}: input dimension split over ranks "
+                                          f"({input_size_per_partition} of {input_size}) is not supported yet")
+            local = dataclasses.replace(self.spec, out_features=sum(output_partition_sizes))  # this rank's columns
+            loader = extra_weight_attrs.get("weight_loader")
+            for name, (shape, dtype) in local.shapes().items():
+                data = torch.empty(shape, dtype=dtype)
+                if name == "qweight":
+                    param = PackedvLLMParameter(data=data, input_dim=0, output_dim=1, packed_dim=0,
+                                                packed_factor=local.values_per_word, weight_loader=loader)
+                else:
+                    param = GroupQuantScaleParameter(data=data, input_dim=0, output_dim=1, weight_loader=loader)
+                layer.register_parameter(name, param)
+            layer.mamp_spec = local
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            spec = layer.mamp_spec
+            device = layer.qweight.device
+            tensors = {n: getattr(layer, n).data for n in TENSOR_NAMES}
+            PackedWeight(spec, **tensors)  # the format's shape and dtype checks, once
+            kernel = choose_kernel(spec, device, layer=self.prefix)
+            if kernel.name in TILED_KERNELS and can_tile(spec):  # the CPU kernels' column-tiled layout
+                for n in TENSOR_NAMES:
+                    getattr(layer, n).data = tile_tensor(tensors[n])
+                view = TiledWeight(spec, **{n: getattr(layer, n).data for n in TENSOR_NAMES})
+            else:
+                view = PackedWeight(spec, **tensors)
+            layer.mamp_kernel, layer.mamp_view = kernel, view
+
+        def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            return layer.mamp_kernel.fn(x, layer.mamp_view, bias)
