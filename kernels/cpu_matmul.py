@@ -93,7 +93,11 @@ def load_extension():
             from torch.utils.cpp_extension import load
 
             cap, flags = _arch_flags()
-            digest = hashlib.sha256(b"".join(p.read_bytes() for p in _HEADERS)).hexdigest()[:10]
+            # The headers' bytes, and the torch installation: torch's loader rebuilds when the build arguments
+            # change, and two environments sharing the cache (another venv's include paths) would rebuild it
+            # back and forth, a minute each time.
+            digest = hashlib.sha256(b"".join(p.read_bytes() for p in _HEADERS)
+                                    + str(Path(torch.__file__).parent).encode()).hexdigest()[:10]
             name = f"mamp_cpu_matmul_v5_{cap}_{digest}"
             build = _build_dir() / name
             build.mkdir(parents=True, exist_ok=True)
