@@ -9,8 +9,10 @@ vLLM's column-parallel, fused q/k/v and gate/up loaders slice them along the out
 mamp's own dispatch chooses for the layer (the C++ CPU kernels on the CPU, Triton on CUDA: registered ops with
 fake kernels, so vLLM's torch.compile traces them). Layers not in the config stay unquantized.
 
-Not yet: a packed lm_head or embedding (quantize with --head-bits 0 for vLLM), and row-parallel sharding of the
-input dimension (tensor parallelism over o_proj / down_proj needs K per rank on 128-row boundaries; checked).
+Tensor parallelism: column-parallel layers (q/k/v, gate/up) split along outputs; row-parallel ones (o_proj,
+down_proj) along inputs where each rank's part is a whole number of the packed tensors' row blocks (shard_spec;
+tests/test_vllm_plugin.py checks both splits against the whole layer). Not yet: a packed lm_head or embedding
+(quantize with --head-bits 0 for vLLM).
 """
 from __future__ import annotations
 
@@ -40,6 +42,25 @@ def fused_spec(specs: list, name: str):
         raise ValueError(f"mamp: the parts of {name} differ in input or widths ({specs}); vLLM fuses them into one "
                          f"layer, which needs one width")
     return dataclasses.replace(specs[0], out_features=sum(s.out_features for s in specs))
+
+
+def shard_spec(spec, in_features: int, out_features: int, name: str = ""):
+    """The PackSpec of one tensor-parallel rank's part of a layer: out_features columns (column-parallel: vLLM's
+    loaders narrow every packed tensor along its columns) and in_features inputs (row-parallel: they narrow the
+    rows, which splits each packed tensor exactly only when the part starts and ends on a boundary of every one of
+    them, a multiple of row_shard_step(spec) inputs; refused otherwise)."""
+    if in_features != spec.in_features and (spec.in_features % in_features or in_features % row_shard_step(spec)):
+        raise NotImplementedError(f"mamp: {name}: {in_features} of {spec.in_features} inputs per rank; the packed "
+                                  f"tensors split on rows only in multiples of {row_shard_step(spec)} inputs")
+    return dataclasses.replace(spec, in_features=in_features, out_features=out_features)
+
+
+def row_shard_step(spec) -> int:
+    """Inputs per indivisible row block of a layer's packed tensors: a bitmap byte (8 groups of 16), a scale group,
+    a salient scale group."""
+    import math
+
+    return math.lcm(8 * 16, spec.group_size, spec.salient_group_size)
 
 
 def _define_and_register() -> None:
@@ -114,11 +135,7 @@ def _define_and_register() -> None:
         def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                            output_partition_sizes: list[int], input_size: int, output_size: int,
                            params_dtype: torch.dtype, **extra_weight_attrs) -> None:
-            if input_size_per_partition != self.spec.in_features:
-                # row-parallel sharding: every packed tensor must split on its own row boundaries
-                raise NotImplementedError(f"mamp: {self.prefix}: input dimension split over ranks "
-                                          f"({input_size_per_partition} of {input_size}) is not supported yet")
-            local = dataclasses.replace(self.spec, out_features=sum(output_partition_sizes))  # this rank's columns
+            local = shard_spec(self.spec, input_size_per_partition, sum(output_partition_sizes), self.prefix)
             loader = extra_weight_attrs.get("weight_loader")
             for name, (shape, dtype) in local.shapes().items():
                 data = torch.empty(shape, dtype=dtype)

@@ -115,3 +115,39 @@ def test_vllm_serves_a_mamp_checkpoint_like_mamp(tmp_path, stories_dir):
         for p in procs:
             p.terminate()
             p.wait(timeout=60)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_packed_layer_split_like_vllm_tensor_parallel_loaders(tp):
+    """What vLLM's loaders do to each packed tensor (columns: narrow dim 1; rows: narrow dim 0 by the rank's own
+    row count), checked against the whole layer: column-parallel outputs concatenate, row-parallel outputs sum."""
+    import torch
+
+    from mamp.kernels.packing import PackedWeight
+    from mamp.kernels.reference import packed_matmul_reference
+    from mamp.vllm_plugin import row_shard_step, shard_spec
+    from tests.helpers import random_packed
+
+    spec = PackSpec(1024, 192, bits=4, salient_bits=4, group_size=128, salient_group_size=64)
+    whole, _ = random_packed(spec, 0.2, seed=tp)
+    x = torch.randn(3, spec.in_features)
+    ref = packed_matmul_reference(x, whole)
+
+    cols = []
+    for rank in range(tp):
+        local = shard_spec(spec, spec.in_features, spec.out_features // tp)
+        part = {n: t.narrow(1, rank * local.out_features, local.out_features) for n, t in whole.tensors().items()}
+        cols.append(packed_matmul_reference(x, PackedWeight(local, **part)))
+    torch.testing.assert_close(torch.cat(cols, dim=1), ref, rtol=1e-5, atol=1e-4)
+
+    k = spec.in_features // tp
+    local = shard_spec(spec, k, spec.out_features)
+    total = torch.zeros_like(ref)
+    for rank in range(tp):
+        part = {n: whole.tensors()[n].narrow(0, rank * shape[0], shape[0]) for n, (shape, _) in local.shapes().items()}
+        total += packed_matmul_reference(x[:, rank * k:(rank + 1) * k], PackedWeight(local, **part))
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-4)
+
+    assert row_shard_step(spec) == 128
+    with pytest.raises(NotImplementedError, match="multiples of 128"):
+        shard_spec(spec, 64, spec.out_features)  # 16 ranks of 64 inputs: half a bitmap byte each
