@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 
 def test_loading_then_ready(tiny_llama_dir):
