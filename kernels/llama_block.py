@@ -23,15 +23,20 @@ from torch import nn
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
+def is_fp32_rms_norm(norm: nn.Module) -> bool:
+    """Whether `norm` is one of RMS_NORMS with an fp32 weight and an eps: what F.rms_norm and the native decode
+    layer (kernels/native_decode.py) compute exactly as it does."""
+    w = getattr(norm, "weight", None)
+    return (type(norm).__name__ in RMS_NORMS and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+            and getattr(norm, "variance_epsilon", None) is not None)
+
+
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """norm(x), as one fused F.rms_norm where that is bit-identical to the HF module (fp32 input and weight: its
     sequence pow, mean, add eps, rsqrt, mul, mul gives the same bits; checked in tests/test_kernels_ops.py), else
     the module itself. Five small ops fewer per norm on every decode step."""
-    w = getattr(norm, "weight", None)
-    eps = getattr(norm, "variance_epsilon", None)
-    if (type(norm).__name__ in RMS_NORMS and x.dtype == torch.float32 and isinstance(w, torch.Tensor)
-            and w.dtype == torch.float32 and eps is not None):
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    if x.dtype == torch.float32 and is_fp32_rms_norm(norm):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     return norm(x)
 
 

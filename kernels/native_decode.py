@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mamp.kernels import cpu_matmul, ops
-from mamp.kernels.llama_block import RMS_NORMS, LlamaBlock
+from mamp.kernels.llama_block import LlamaBlock, is_fp32_rms_norm
 from mamp.kernels.packed_linear import PackedLinear
 
 ENV = "MAMP_NATIVE_DECODE"
@@ -48,8 +48,7 @@ def why_not(block: LlamaBlock) -> str | None:
     if len(kernels) != 1 or next(iter(kernels)) not in _KERNELS:
         return f"the projections use kernels {sorted(kernels)}, not one of {sorted(_KERNELS)}"
     for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-        w = getattr(norm, "weight", None)
-        if type(norm).__name__ not in RMS_NORMS or not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+        if not is_fp32_rms_norm(norm):
             return f"{type(norm).__name__} is not an fp32 RMSNorm"
     if layer.input_layernorm.variance_epsilon != layer.post_attention_layernorm.variance_epsilon:
         return "the two norms have different eps"

@@ -14,6 +14,18 @@ from mamp.kernels.reference import packed_matmul_reference
 TILED_KERNELS = ("cpu-int8", "cpu")  # the C++ kernels, which read the column-tiled layout (kernels/cpu_layout.py)
 
 
+def kernel_and_view(spec: PackSpec, tensors: dict[str, torch.Tensor], device: torch.device | str,
+                    layer: str = "") -> tuple:
+    """The kernel that serves a packed layer here (kernels/dispatch.py, chosen once) and the layer's tensors in the
+    layout it reads: column-tiled (kernels/cpu_layout.py, new cache-line aligned tensors) for the C++ CPU kernels
+    when out_features % 16 == 0, else the given row-major tensors as a PackedWeight (checked, not copied)."""
+    view = PackedWeight(spec, **tensors)
+    kernel = choose_kernel(spec, device, layer=layer)
+    if kernel.name in TILED_KERNELS and can_tile(spec):
+        view = TiledWeight(spec, **{n: aligned(tile_tensor(t)) for n, t in view.tensors().items()})
+    return kernel, view
+
+
 class PackedLinear(nn.Module):
     """Drop-in replacement for nn.Linear(in_features, out_features) with packed weights.
 
@@ -80,15 +92,10 @@ class PackedLinear(nn.Module):
             self.__dict__.pop("_kernel", None)
             self.__dict__.pop("_view", None)
             return
-        kernel = choose_kernel(self.spec, self.qweight.device, layer=self.extra_repr())
-        self.__dict__["_kernel"] = kernel
-        if kernel.name in TILED_KERNELS and can_tile(self.spec):
-            for name in TENSOR_NAMES:
-                self._buffers[name] = aligned(tile_tensor(self._buffers[name]))
-            self.__dict__["_tiled"] = True
-            self.__dict__["_view"] = TiledWeight(self.spec, **{n: self._buffers[n] for n in TENSOR_NAMES})
-        else:
-            self.__dict__["_view"] = self.packed  # holds the buffers, no copy
+        kernel, view = kernel_and_view(self.spec, {n: self._buffers[n] for n in TENSOR_NAMES}, self.qweight.device,
+                                       layer=self.extra_repr())
+        self._buffers.update(view.tensors())  # the tiled tensors in place of the row-major ones (else the same)
+        self.__dict__.update(_kernel=kernel, _view=view, _tiled=isinstance(view, TiledWeight))
 
     def _apply(self, fn, recurse=True):
         self._untile()  # moves and casts see the checkpoint's layout; the kernel (and layout) are chosen again

@@ -71,10 +71,8 @@ def _define_and_register() -> None:
     from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
     from mamp.kernels.checkpoint import QuantizationConfig
-    from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor
-    from mamp.kernels.dispatch import choose_kernel
-    from mamp.kernels.packed_linear import TILED_KERNELS
-    from mamp.kernels.packing import TENSOR_NAMES, PackedWeight
+    from mamp.kernels.packed_linear import kernel_and_view
+    from mamp.kernels.packing import TENSOR_NAMES
 
     @register_quantization_config(NAME)
     class MampConfig(VllmQuantConfig):
@@ -148,17 +146,10 @@ def _define_and_register() -> None:
             layer.mamp_spec = local
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            spec = layer.mamp_spec
-            device = layer.qweight.device
             tensors = {n: getattr(layer, n).data for n in TENSOR_NAMES}
-            PackedWeight(spec, **tensors)  # the format's shape and dtype checks, once
-            kernel = choose_kernel(spec, device, layer=self.prefix)
-            if kernel.name in TILED_KERNELS and can_tile(spec):  # the CPU kernels' column-tiled layout
-                for n in TENSOR_NAMES:
-                    getattr(layer, n).data = tile_tensor(tensors[n])
-                view = TiledWeight(spec, **{n: getattr(layer, n).data for n in TENSOR_NAMES})
-            else:
-                view = PackedWeight(spec, **tensors)
+            kernel, view = kernel_and_view(layer.mamp_spec, tensors, layer.qweight.device, layer=self.prefix)
+            for n, t in view.tensors().items():  # the layout the kernel reads, in place of the loaded one
+                getattr(layer, n).data = t
             layer.mamp_kernel, layer.mamp_view = kernel, view
 
         def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -58,14 +58,10 @@ class BatchedLlama:
         # The decode step in native code, one call per layer, where every layer allows it (else None and the
         # Python stages serve; kernels/native_decode.py says when it applies).
         self.head_threads = 0  # threads for the lm_head call (0: as set); the engine sets it (server/engine.py)
-        self.native = None
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            native = [native_decode_layer(blk) for blk in self.blocks]
-            if all(n is not None for n in native):
-                self.native = native
-        self.native_reason = None if self.native is not None else (
-            "not on the CPU in fp32" if self.device.type != "cpu" or self.dtype != torch.float32
-            else next(r for r in map(why_not, self.blocks) if r is not None))
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.native_reason = "not on the CPU in fp32" if not cpu_fp32 else next(
+            (r for r in map(why_not, self.blocks) if r is not None), None)
+        self.native = None if self.native_reason else [native_decode_layer(blk) for blk in self.blocks]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim]."""
@@ -120,19 +116,19 @@ class BatchedLlama:
         b = len(slots)
         self.cache.ensure_capacity(max(positions) + 1)
         slot_idx = torch.tensor(slots, device=self.device)
-        # Slots s0 .. s0 + b - 1 in order (the engine keeps its batch dense and sorted): the cache is read in
-        # place, as a view; otherwise each step gathers every sequence's keys and values (a copy).
-        dense = slots == list(range(slots[0], slots[0] + b))
         pos = torch.tensor(positions, device=self.device)
-        length = int(pos.max()) + 1
-        mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
         cos, sin = self._rope(pos[:, None])
         h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
-        if self.native is not None:
+        if self.native is not None:  # each layer reads its slots' cache in place, masked by position, in C++
             h, cos, sin = h[:, 0], cos.view(b, -1), sin.view(b, -1)
             for i, layer in enumerate(self.native):
                 h = layer.forward(h, self.cache.k[i], self.cache.v[i], slot_idx, pos, cos, sin)
             return self._logits(h)
+        # Slots s0 .. s0 + b - 1 in order (the engine keeps its batch dense and sorted): the cache is read in
+        # place, as a view; otherwise each step gathers every sequence's keys and values (a copy).
+        dense = slots == list(range(slots[0], slots[0] + b))
+        length = int(pos.max()) + 1
+        mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
