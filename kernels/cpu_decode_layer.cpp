@@ -4,8 +4,8 @@
 //
 //     x    = rms_norm(h) * w_in                      (fp32, HF's formula)
 //     q,k,v= fused qkv (packed kernel), RoPE with the caller's cos/sin (rotate-half convention)
-//     cache[slot, kvh, pos] = k, v                   (the slot cache, written in place)
-//     core = softmax(q K^T / sqrt(D)) V              over positions 0 .. pos of the sequence, read in place
+//     cache[block(pos), kvh, pos % BS] = k, v          (the paged cache, quantized on write where it is int8/int4)
+//     core = softmax(q K^T / sqrt(D)) V              over positions 0 .. pos of the sequence, its blocks read in place
 //     mid  = h + o_proj(core)
 //     out  = mid + down(silu(gate) * up)             gate/up one fused packed call, on rms_norm(mid) * w_post
 //
@@ -17,6 +17,7 @@
 #include <torch/custom_class.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -64,6 +65,38 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
+// One token's key or value of one head, x [D], quantized as kernels/kv_quant.py does (the same operations in the
+// same order, so the codes are those of the reference): int8 symmetric with an fp16 scale.
+void store_int8(const float* x, int64_t D, int8_t* codes, at::Half* scale) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const at::Half sh(amax / 127.f);
+  const float s = float(sh);
+  *scale = sh;
+  for (int64_t i = 0; i < D; ++i) {
+    const float c = s > 0.f ? std::nearbyint(x[i] / s) : 0.f;
+    codes[i] = int8_t(std::min(127.f, std::max(-127.f, c)));
+  }
+}
+
+// int4 asymmetric over the head: zero = min, scale = (max - min) / 15 (both fp16), two codes per byte.
+void store_int4(const float* x, int64_t D, uint8_t* codes, at::Half* scale, at::Half* zero) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < D; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+  const at::Half zh(lo), sh((hi - lo) / 15.f);
+  const float z = float(zh), s = float(sh);
+  *zero = zh;
+  *scale = sh;
+  for (int64_t i = 0; i < D; i += 2) {
+    uint8_t c[2];
+    for (int k = 0; k < 2; ++k) {
+      const float v = s > 0.f ? std::nearbyint((x[i + k] - z) / s) : 0.f;
+      c[k] = uint8_t(std::min(15.f, std::max(0.f, v)));
+    }
+    codes[i / 2] = uint8_t(c[0] | (c[1] << 4));
+  }
+}
+
 }  // namespace
 
 struct DecodeLayer : torch::CustomClassHolder {
@@ -102,9 +135,12 @@ struct DecodeLayer : torch::CustomClassHolder {
                          L.hbits, L.gs, L.sgs, small_m, scratch);
   }
 
-  // h [B, hidden] fp32; k_cache, v_cache [slots, KVH, capacity, D] fp32, written at (slots[b], :, positions[b]);
-  // slots, positions [B] int64; cos, sin [B, D] fp32. Returns the layer's output [B, hidden].
-  at::Tensor forward(const at::Tensor& h_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [blocks, KVH, BS, D] fp32, or
+  // int8 codes [.., D] with fp16 scales k_scale, v_scale [blocks, KVH, BS], or int4 codes [.., D / 2] (uint8)
+  // with fp16 scales and zeros (kernels/kv_quant.py); table [rows, max_blocks] int32 maps a row's block i to its
+  // pool block; slots (rows), positions [B] int64; cos, sin [B, D] fp32. The new k, v are written (quantized)
+  // at (table[slots[b], p / BS], :, p % BS) for p = positions[b]. Returns the layer's output [B, hidden].
+  at::Tensor forward(const at::Tensor& h_in, const std::vector<at::Tensor>& cache, const at::Tensor& table_t,
                      const at::Tensor& slots_t, const at::Tensor& pos_t, const at::Tensor& cos_t,
                      const at::Tensor& sin_t) const {
     TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "h: [B, hidden] fp32");
@@ -112,10 +148,25 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t B = h.size(0), hidden = h.size(1);
     TORCH_CHECK(w_in.numel() == hidden && w_post.numel() == hidden, "h: ", hidden, " features, norms ",
                 w_in.numel());
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                    k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
-                    k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == KVH && k_cache.size(3) == D,
-                "caches: contiguous fp32 [slots, ", KVH, ", capacity, ", D, "]");
+    TORCH_CHECK(cache.size() == 2 || cache.size() == 4 || cache.size() == 6, "cache: 2, 4 or 6 tensors");
+    const at::Tensor& k_cache = cache[0];
+    const at::Tensor& v_cache = cache[1];
+    const auto st = k_cache.scalar_type();
+    const int kind = st == at::kFloat ? 0 : st == at::kChar ? 8 : st == at::kByte ? 4 : -1;
+    TORCH_CHECK(kind >= 0 && size_t(kind == 0 ? 2 : kind == 8 ? 4 : 6) == cache.size(),
+                "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales and zeros");
+    const int64_t CD = kind == 4 ? D / 2 : D;
+    TORCH_CHECK(v_cache.scalar_type() == st && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                    k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == KVH &&
+                    k_cache.size(3) == CD, "caches: contiguous [blocks, ", KVH, ", block_size, ", CD, "]");
+    const int64_t NB = k_cache.size(0), BS = k_cache.size(2);
+    for (size_t j = 2; j < cache.size(); ++j) {
+      TORCH_CHECK(cache[j].scalar_type() == at::kHalf && cache[j].is_contiguous() && cache[j].dim() == 3 &&
+                      cache[j].size(0) == NB && cache[j].size(1) == KVH && cache[j].size(2) == BS,
+                  "cache scales / zeros: contiguous fp16 [blocks, ", KVH, ", block_size]");
+    }
+    TORCH_CHECK(table_t.dim() == 2 && table_t.scalar_type() == at::kInt && table_t.is_contiguous(),
+                "table: contiguous [rows, max_blocks] int32");
     TORCH_CHECK(slots_t.numel() == B && pos_t.numel() == B && slots_t.scalar_type() == at::kLong &&
                     pos_t.scalar_type() == at::kLong, "slots, positions: [B] int64");
     TORCH_CHECK(cos_t.scalar_type() == at::kFloat && sin_t.scalar_type() == at::kFloat && cos_t.numel() == B * D &&
@@ -124,10 +175,16 @@ struct DecodeLayer : torch::CustomClassHolder {
     const at::Tensor cs = cos_t.contiguous(), sn = sin_t.contiguous();
     const int64_t* sl = slots.data_ptr<int64_t>();
     const int64_t* ps = pos.data_ptr<int64_t>();
-    const int64_t nslots = k_cache.size(0), cap = k_cache.size(2);
+    const int32_t* table = table_t.data_ptr<int32_t>();
+    const int64_t rows = table_t.size(0), max_blocks = table_t.size(1);
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(sl[b] >= 0 && sl[b] < nslots && ps[b] >= 0 && ps[b] < cap, "slot ", sl[b], " position ", ps[b],
-                  " outside the cache [", nslots, " slots, ", cap, " positions]");
+      TORCH_CHECK(sl[b] >= 0 && sl[b] < rows && ps[b] >= 0 && ps[b] < max_blocks * BS, "row ", sl[b],
+                  " position ", ps[b], " outside the block table [", rows, " rows, ", max_blocks * BS,
+                  " positions]");
+      for (int64_t i = 0; i <= ps[b] / BS; ++i) {
+        const int32_t blk = table[sl[b] * max_blocks + i];
+        TORCH_CHECK(blk >= 0 && blk < NB, "row ", sl[b], " block ", i, " -> ", blk, " outside the pool of ", NB);
+      }
     }
 
     // Attention input and the fused q/k/v projection.
@@ -139,40 +196,75 @@ struct DecodeLayer : torch::CustomClassHolder {
     float* qkvp = qkv.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
     const float* sp = sn.data_ptr<float>();
-    float* kc = k_cache.data_ptr<float>();
-    float* vc = v_cache.data_ptr<float>();
-    const int64_t slot_stride = KVH * cap * D, head_stride = cap * D;
+    // Entry (block, g, offset) of the pool: codes at entry * CD, its scale / zero at entry.
+    auto entry = [&](int64_t b, int64_t g, int64_t p) -> int64_t {
+      return (int64_t(table[sl[b] * max_blocks + p / BS]) * KVH + g) * BS + p % BS;
+    };
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkvp + b * qkv_w;
       for (int64_t hh = 0; hh < H + KVH; ++hh) rope(row + hh * D, cp + b * D, sp + b * D, D);
       for (int64_t g = 0; g < KVH; ++g) {
-        float* kd = kc + sl[b] * slot_stride + g * head_stride + ps[b] * D;
-        float* vd = vc + sl[b] * slot_stride + g * head_stride + ps[b] * D;
-        const float* ks = row + (H + g) * D;
-        const float* vs = row + (H + KVH + g) * D;
-        for (int64_t i = 0; i < D; ++i) kd[i] = ks[i], vd[i] = vs[i];
+        const int64_t e = entry(b, g, ps[b]);
+        for (int kv = 0; kv < 2; ++kv) {
+          const float* src = row + (H + kv * KVH + g) * D;
+          const at::Tensor& pool = cache[kv];
+          if (kind == 0) {
+            float* dst = pool.data_ptr<float>() + e * CD;
+            for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
+          } else if (kind == 8) {
+            store_int8(src, D, pool.data_ptr<int8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e);
+          } else {
+            store_int4(src, D, pool.data_ptr<uint8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e,
+                       cache[4 + kv].data_ptr<at::Half>() + e);
+          }
+        }
       }
     }
 
-    // Attention over each sequence's cached positions 0 .. pos, read in place; one task per (sequence, head).
+    // Attention over each sequence's positions 0 .. pos, read from its blocks in place (dequantized on the fly);
+    // one task per (sequence, head).
     at::Tensor core = at::empty({B, H * D}, h.options());
     float* corep = core.data_ptr<float>();
     const float scale = 1.f / std::sqrt(float(D));
     const int64_t group = H / KVH;
+    const float* kf = kind == 0 ? k_cache.data_ptr<float>() : nullptr;
+    const float* vf = kind == 0 ? v_cache.data_ptr<float>() : nullptr;
+    const int8_t* k8 = kind == 8 ? k_cache.data_ptr<int8_t>() : nullptr;
+    const int8_t* v8 = kind == 8 ? v_cache.data_ptr<int8_t>() : nullptr;
+    const uint8_t* k4 = kind == 4 ? k_cache.data_ptr<uint8_t>() : nullptr;
+    const uint8_t* v4 = kind == 4 ? v_cache.data_ptr<uint8_t>() : nullptr;
+    const at::Half* ksc = kind ? cache[2].data_ptr<at::Half>() : nullptr;
+    const at::Half* vsc = kind ? cache[3].data_ptr<at::Half>() : nullptr;
+    const at::Half* kz = kind == 4 ? cache[4].data_ptr<at::Half>() : nullptr;
+    const at::Half* vz = kind == 4 ? cache[5].data_ptr<at::Half>() : nullptr;
     at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> score;
+      std::vector<float> cbuf(D);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / H, hh = t % H, g = hh / group, n = ps[b] + 1;
         const float* q = qkvp + b * qkv_w + hh * D;
-        const float* kbase = kc + sl[b] * slot_stride + g * head_stride;
-        const float* vbase = vc + sl[b] * slot_stride + g * head_stride;
+        float qsum = 0.f;
+        for (int64_t i = 0; i < D; ++i) qsum += q[i];
         score.resize(n);
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; ++j) {
-          const float* k = kbase + j * D;
+          const int64_t e = entry(b, g, j);
           float s = 0.f;
+          if (kind == 0) {
+            const float* k = kf + e * CD;
 #pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
+            for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
+          } else if (kind == 8) {
+            const int8_t* k = k8 + e * CD;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < D; ++i) s += q[i] * float(k[i]);
+            s *= float(ksc[e]);
+          } else {
+            const uint8_t* k = k4 + e * CD;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < CD; ++i) s += q[2 * i] * float(k[i] & 15) + q[2 * i + 1] * float(k[i] >> 4);
+            s = s * float(ksc[e]) + qsum * float(kz[e]);
+          }
           score[j] = s * scale;
           mx = std::max(mx, score[j]);
         }
@@ -183,14 +275,32 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
         float* o = corep + b * H * D + hh * D;
         for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+        float zsum = 0.f;  // int4: the sum of p * zero, added to every element at the end
         for (int64_t j = 0; j < n; ++j) {
-          const float p = score[j];
-          const float* v = vbase + j * D;
+          const int64_t e = entry(b, g, j);
+          if (kind == 0) {
+            const float p = score[j];
+            const float* v = vf + e * CD;
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
+            for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
+          } else if (kind == 8) {
+            const float p = score[j] * float(vsc[e]);
+            const int8_t* v = v8 + e * CD;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) o[i] += p * float(v[i]);
+          } else {
+            const float p = score[j] * float(vsc[e]);
+            zsum += score[j] * float(vz[e]);
+            const uint8_t* v = v4 + e * CD;
+#pragma omp simd
+            for (int64_t i = 0; i < CD; ++i) {
+              o[2 * i] += p * float(v[i] & 15);
+              o[2 * i + 1] += p * float(v[i] >> 4);
+            }
+          }
         }
         const float inv = 1.f / sum;
-        for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+        for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum) * inv;
       }
     });
 

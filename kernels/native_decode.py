@@ -6,7 +6,7 @@ kernels (q/k/v and gate/up fused by LlamaBlock(fuse=True), no biases), with RMSN
 norms. MAMP_NATIVE_DECODE=0 turns it off (the Python stages then serve, as before).
 
     layer = native_decode_layer(block)          # DecodeLayer or None
-    h = layer.forward(h, k_cache, v_cache, slots, positions, cos, sin)
+    h = layer.forward(h, cache.layer_tensors(i), cache.tables, rows, positions, cos, sin)  # server/kv_cache.py
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 import uvicorn
 
 from .app import create_app
-from .config import ServerConfig
+from .config import ServerConfig, parse_bytes
 from .loading import LoadingApp
 from .runtime import build_runtime
 
@@ -42,6 +42,12 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--cpu-activations", choices=["auto", "int8", "float"], default=d.cpu_activations,
                    help="CPU decode kernel for h = b layers: int8 activations with integer dot products, or fp32 "
                         "(auto: $MAMP_CPU_ACTIVATIONS, else int8)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "int4"], default=d.kv_cache_dtype,
+                   help="KV cache entries: the compute dtype (auto), or int8 / int4 quantized per token and head on "
+                        "write (1.9x / 3.6x the tokens of a 16-bit cache in the same memory)")
+    p.add_argument("--kv-cache-memory", type=_size, default=d.kv_cache_memory, metavar="SIZE",
+                   help="KV cache pool, e.g. 2GiB (default: max-num-seqs x max-model-len tokens, at most 4GiB; "
+                        "memory is committed as blocks are first used)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies larger than this get 413 before they are read (0: no limit)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -50,6 +56,13 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
         return ServerConfig(**vars(p.parse_args(argv)))
     except ValueError as exc:
         p.error(str(exc))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def resolve_threads(config: ServerConfig, cores: int) -> ServerConfig:

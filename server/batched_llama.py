@@ -14,7 +14,7 @@ from torch import nn
 from mamp.kernels.llama_block import LlamaBlock, rms_norm
 from mamp.kernels.native_decode import native_decode_layer, why_not
 
-from .kv_cache import SlotKVCache
+from .kv_cache import PagedKVCache
 
 
 def _rope_inv_freq(model: nn.Module, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -33,7 +33,10 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class BatchedLlama:
-    def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int):
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, kv_cache_dtype: str = "auto",
+                 kv_cache_blocks: int | None = None):
+        """kv_cache_dtype: auto (the compute dtype), int8 or int4; kv_cache_blocks: the pool's blocks of
+        kv_cache.BLOCK_SIZE tokens (None: enough for max_num_seqs sequences of max_model_len)."""
         config = model.config
         if config.model_type not in SUPPORTED:
             raise ValueError(f"model_type {config.model_type!r} is not served; supported: {', '.join(SUPPORTED)}")
@@ -53,8 +56,8 @@ class BatchedLlama:
         self.inv_freq = inv_freq.to(self.device)
         self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim, fuse=True)
                        for layer in self.layers]
-        self.cache = SlotKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
-                                 max_model_len, self.device, self.dtype)
+        self.cache = PagedKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
+                                  max_model_len, self.device, self.dtype, kv_cache_dtype, kv_cache_blocks)
         # The decode step in native code, one call per layer, where every layer allows it (else None and the
         # Python stages serve; kernels/native_decode.py says when it applies).
         self.head_threads = 0  # threads for the lm_head call (0: as set); the engine sets it (server/engine.py)
@@ -89,55 +92,63 @@ class BatchedLlama:
         `start` are cached: a chunk of a longer prompt); returns float32 logits [T, V] (all_logits) or [V] (last)."""
         t = len(token_ids)
         end = start + t
-        self.cache.ensure_capacity(end)
+        cache = self.cache
+        cache.ensure(slot, end)
         ids = torch.tensor([token_ids], device=self.device)
         cos, sin = self._rope(torch.arange(start, end, device=self.device)[None])
         h = self.model.model.embed_tokens(ids)
         # A later chunk attends to the cached prefix and causally within itself: query i sees keys 0 .. start + i.
-        mask = None if start == 0 else (torch.arange(end, device=self.device)[None]
-                                        <= torch.arange(start, end, device=self.device)[:, None])
+        # A quantized cache is read back for every key, this chunk's too, so a token's attention is the same
+        # whichever chunk or decode step computes it.
+        in_place = start == 0 and cache.kind == "auto"
+        mask = None if in_place else (torch.arange(end, device=self.device)[None]
+                                      <= torch.arange(start, end, device=self.device)[:, None])
+        rows = torch.tensor([slot], device=self.device)
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
-            self.cache.k[i][slot, :, start:end] = k[0]
-            self.cache.v[i][slot, :, start:end] = v[0]
-            if mask is None:
+            cache.write(i, slot, start, k[0], v[0])
+            if in_place:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
-                keys, values = self.cache.k[i][slot:slot + 1, :, :end], self.cache.v[i][slot:slot + 1, :, :end]
+                keys, values = cache.read(i, rows, end)
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             mid = blk.mid(h, o.transpose(1, 2).reshape(1, t, -1))
             h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))
         return self._logits(h[0] if all_logits else h[0, -1])
+
+    def release(self, slot: int) -> None:
+        """The sequence in `slot` has ended: its cache blocks go back to the pool."""
+        self.cache.release(slot)
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One new token per sequence: token_ids[i] sits at positions[i] of the sequence in slots[i] (whose
         earlier positions are cached). Returns float32 logits [B, V]."""
         b = len(slots)
-        self.cache.ensure_capacity(max(positions) + 1)
+        cache = self.cache
+        for slot, p in zip(slots, positions):
+            cache.ensure(slot, p + 1)
         slot_idx = torch.tensor(slots, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         cos, sin = self._rope(pos[:, None])
         h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
-        if self.native is not None:  # each layer reads its slots' cache in place, masked by position, in C++
+        if self.native is not None:  # each layer reads its sequences' blocks in place, in C++
             h, cos, sin = h[:, 0], cos.view(b, -1), sin.view(b, -1)
             for i, layer in enumerate(self.native):
-                h = layer.forward(h, self.cache.k[i], self.cache.v[i], slot_idx, pos, cos, sin)
+                h = layer.forward(h, cache.layer_tensors(i), cache.tables, slot_idx, pos, cos, sin)
             return self._logits(h)
-        # Slots s0 .. s0 + b - 1 in order (the engine keeps its batch dense and sorted): the cache is read in
-        # place, as a view; otherwise each step gathers every sequence's keys and values (a copy).
-        dense = slots == list(range(slots[0], slots[0] + b))
+        # The Python path gathers every sequence's blocks into a dense copy per layer; positions past a
+        # sequence's own are zeroed (never-written blocks may hold anything) and masked.
         length = int(pos.max()) + 1
-        mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
+        valid = torch.arange(length, device=self.device)[None] <= pos[:, None]  # [B, L]
+        mask = valid[:, None, None, :]
+        invalid = ~valid[:, None, :, None]
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            k_cache[slot_idx, :, pos] = k[:, :, 0]
-            v_cache[slot_idx, :, pos] = v[:, :, 0]
-            if dense:
-                keys, values = k_cache[slots[0]:slots[0] + b, :, :length], v_cache[slots[0]:slots[0] + b, :, :length]
-            else:
-                keys, values = k_cache[slot_idx, :, :length], v_cache[slot_idx, :, :length]
+            cache.write_tokens(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
+            keys, values = cache.read(i, slot_idx, length)
+            if b > 1:
+                keys, values = keys.masked_fill(invalid, 0), values.masked_fill(invalid, 0)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             mid = blk.mid(h, o.transpose(1, 2).reshape(b, 1, -1))
             h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))

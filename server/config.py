@@ -8,6 +8,27 @@ from typing import Literal, Optional
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 CpuActivations = Literal["auto", "int8", "float"]
+KVCacheDtype = Literal["auto", "int8", "int4"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512 MiB', '1.5GB', '1000000' -> bytes."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = t[len(num):].strip()
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 2GiB, 512MiB, 1e9)")
+    return int(value * _UNITS[unit])
+
+
+DEFAULT_KV_CACHE_MEMORY = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,12 @@ class ServerConfig:
     # Decode activations of the CPU kernel for h = b layers: int8 (integer dot products) or float; auto keeps
     # MAMP_CPU_ACTIVATIONS (default int8)
     cpu_activations: CpuActivations = "auto"
+    # KV cache: keys and values as the compute dtype (auto), or quantized on write (int8: per token and head,
+    # symmetric; int4: per token and head, asymmetric; kernels/kv_quant.py), in blocks of 16 tokens from one pool
+    kv_cache_dtype: KVCacheDtype = "auto"
+    # The pool's size in bytes; None: enough for max_num_seqs sequences of max_model_len, at most
+    # DEFAULT_KV_CACHE_MEMORY (pages are committed as blocks are first used, so memory follows live tokens)
+    kv_cache_memory: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -53,6 +80,10 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 0, got {self.max_request_bytes}")
         if self.cpu_activations not in ("auto", "int8", "float"):
             raise ValueError(f"cpu_activations must be auto, int8 or float, got {self.cpu_activations!r}")
+        if self.kv_cache_dtype not in ("auto", "int8", "int4"):
+            raise ValueError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -5,7 +5,14 @@ It knows token ids, text and timings; nothing of HTTP.
 Prompts are prefilled in chunks under a per-step token budget (max_prefill_tokens, like vLLM's
 max_num_batched_tokens): each step prefills at most that many prompt tokens, oldest admitted first, then
 decodes every running sequence, so a long prompt arriving delays the running streams by one chunk per step
-rather than by its whole prefill. (Prompts asking for prompt logprobs are prefilled whole.)"""
+rather than by its whole prefill. (Prompts asking for prompt logprobs are prefilled whole.)
+
+KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt) and as it grows; a
+sequence waits in the queue until its prompt's blocks are free. When a running sequence needs a block and none
+is free, the sequence that arrived last is preempted (like vLLM's recompute preemption): its blocks and row
+are freed and it goes back to the head of the queue, to prefill its prompt and the tokens it has generated again
+once blocks are free, then go on where it stopped. The oldest sequence is never preempted for a younger one, and
+the pool holds at least one sequence of max_model_len (runtime check), so every sequence finishes."""
 from __future__ import annotations
 
 import heapq
@@ -55,7 +62,9 @@ class _Sequence:
     generator: Optional[torch.Generator] = None
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
-    prefilled: int = 0  # prompt tokens whose K/V are cached
+    prefilled: int = 0  # tokens of `target` whose K/V are cached
+    target: list[int] = field(default_factory=list)  # what prefill caches: the prompt, and after a preemption
+    # the tokens generated before it but the last (the next decode step feeds that one)
     scheduled: float = 0.0
     first_token: Optional[float] = None
     last_token: float = 0.0
@@ -96,7 +105,7 @@ class Engine:
         # running batch stays dense (slots 0 .. n-1 when nothing has left early) and the runner reads the KV
         # cache in place rather than gathering it
         self._ids = itertools.count()
-        self._live_tokens = 0
+        self.num_preemptions = 0
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
 
@@ -134,9 +143,14 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         cache = self.runner.cache
+        used = cache.allocator.num_used
+        per_block_16bit = cache.block_size * cache.bytes_per_token_16bit
         return EngineSnapshot(num_running=len(self._running), num_waiting=len(self._waiting),
-                              kv_cache_usage_bytes=self._live_tokens * cache.bytes_per_token,
-                              kv_cache_capacity_bytes=cache.capacity_bytes)
+                              kv_cache_usage_bytes=cache.usage_bytes, kv_cache_capacity_bytes=cache.capacity_bytes,
+                              kv_cache_usage_16bit_bytes=used * per_block_16bit,
+                              kv_cache_capacity_16bit_bytes=cache.num_blocks * per_block_16bit,
+                              kv_cache_blocks_used=used, kv_cache_blocks_free=cache.allocator.num_free,
+                              num_preemptions=self.num_preemptions)
 
     # ---- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -157,26 +171,35 @@ class Engine:
             aborts, self._aborts = self._aborts, set()
             aborted = [s for s in self._waiting if s.seq_id in aborts]
             self._waiting = deque(s for s in self._waiting if s.seq_id not in aborts)
-            admitted = []
-            while self._waiting and self._free_slots:
-                seq = self._waiting.popleft()
-                seq.slot = heapq.heappop(self._free_slots)
-                admitted.append(seq)
         aborted += [s for s in self._running.values() if s.seq_id in aborts]
         for seq in aborted:
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
+        with self._cv:
+            admitted = []
+            while self._waiting and self._free_slots:
+                seq = self._waiting[0]
+                seq.target = seq.prompt_ids + seq.output_ids[:-1]
+                need, cache = self.runner.cache.blocks_for(len(seq.target)), self.runner.cache
+                if cache.allocator.num_free < need <= cache.num_blocks:
+                    break  # first come, first served: it waits for blocks, and so do those behind it (one that
+                    # can never fit is admitted, to be refused there)
+                self._waiting.popleft()
+                seq.slot = heapq.heappop(self._free_slots)
+                admitted.append(seq)
         for seq in admitted:
             self._admit(seq)
         self._prefill_chunks()
         self._decode()
 
     def _admit(self, seq: _Sequence) -> None:
-        seq.scheduled = time.monotonic()
+        seq.scheduled = seq.scheduled or time.monotonic()
+        seq.prefilled = 0
         self._running[seq.slot] = seq
-        self._live_tokens += len(seq.prompt_ids)
         try:
             self._check_prompt(seq.prompt_ids)
-            seq.generator = make_generator(seq.params.seed, self.runner.device)
+            self.runner.cache.ensure(seq.slot, len(seq.target))
+            if seq.generator is None:
+                seq.generator = make_generator(seq.params.seed, self.runner.device)
         except Exception as exc:  # a bad request must not take the engine down
             logger.exception("admission failed for sequence %d", seq.seq_id)
             self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
@@ -189,21 +212,24 @@ class Engine:
         budget = self.max_prefill_tokens
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
-            if self._running.get(seq.slot) is not seq:  # aborted or ended meanwhile
+            if self._running.get(seq.slot) is not seq or seq.prefilled >= len(seq.target):  # ended or preempted
                 self._prefilling.popleft()
                 continue
-            want_prompt = seq.params.prompt_logprobs is not None
-            left = len(seq.prompt_ids) - seq.prefilled
+            resumed = bool(seq.output_ids)  # after a preemption: its next token is known
+            want_prompt = seq.params.prompt_logprobs is not None and not resumed
+            left = len(seq.target) - seq.prefilled
             n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
             try:
                 self._use_threads(n)
-                logits = self.runner.prefill(seq.slot, seq.prompt_ids[seq.prefilled:seq.prefilled + n],
+                logits = self.runner.prefill(seq.slot, seq.target[seq.prefilled:seq.prefilled + n],
                                              all_logits=want_prompt, start=seq.prefilled)
                 seq.prefilled += n
                 budget -= n
-                if seq.prefilled < len(seq.prompt_ids):
+                if seq.prefilled < len(seq.target):
                     continue
                 self._prefilling.popleft()
+                if resumed:  # back in the decode batch, where it stopped
+                    continue
                 prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
                 if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
                     self._finish(seq, "length", SeqOutput(None, "", "length", prompt_lps))
@@ -217,7 +243,9 @@ class Engine:
 
     def _decode(self) -> None:
         # Sequences with a first token (prefill complete), in slot order: see BatchedLlama.decode.
-        seqs = sorted((s for s in self._running.values() if s.output_ids), key=lambda s: s.slot)
+        seqs = [s for s in self._running.values() if s.output_ids and s.prefilled == len(s.target)]
+        seqs = self._grow(seqs)
+        seqs.sort(key=lambda s: s.slot)
         if not seqs:
             return
         try:
@@ -235,6 +263,48 @@ class Engine:
             except Exception as exc:
                 logger.exception("sampling failed for sequence %d", seq.seq_id)
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+
+    def _grow(self, seqs: list[_Sequence]) -> list[_Sequence]:
+        """Blocks for each decoding sequence's next position, oldest first; where the pool is short, the latest
+        admitted sequences are preempted. Returns the sequences that decode this step."""
+        cache = self.runner.cache
+        decoding = []
+        for seq in sorted(seqs, key=lambda s: s.seq_id):
+            if self._running.get(seq.slot) is not seq:  # preempted for an older one meanwhile
+                continue
+            position = len(seq.prompt_ids) + len(seq.output_ids) - 1
+            while cache.blocks_needed(seq.slot, position + 1) > cache.allocator.num_free:
+                victim = max(self._running.values(), key=lambda s: s.seq_id)  # the latest to arrive
+                if victim is seq and len(self._running) == 1:  # alone and still short: cannot happen when the
+                    break  # pool holds max_model_len (runtime.py checks); ensure() below then ends it
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if self._running.get(seq.slot) is not seq:
+                continue
+            try:
+                cache.ensure(seq.slot, position + 1)
+            except Exception as exc:
+                self._finish(seq, "error", SeqOutput(None, "", "error", error=f"KV cache: {exc}"))
+                continue
+            decoding.append(seq)
+        return decoding
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Frees the blocks and row of `seq` and puts it back at the head of the queue (recompute later)."""
+        logger.info("KV cache full: preempting sequence %d (%d tokens cached)", seq.seq_id, seq.prefilled)
+        self._vacate(seq)
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        self.num_preemptions += 1
+        with self._cv:
+            self._waiting.appendleft(seq)
+
+    def _vacate(self, seq: _Sequence) -> None:
+        del self._running[seq.slot]
+        self.runner.release(seq.slot)
+        heapq.heappush(self._free_slots, seq.slot)
+        seq.prefilled = 0
 
     def _use_threads(self, rows: int) -> None:
         if self.threads is None:
@@ -255,7 +325,6 @@ class Engine:
             seq.itls.append(now - seq.last_token)
         seq.last_token = now
         seq.output_ids.append(token.token_id)
-        self._live_tokens += 1
         reason = None
         if token.token_id in params.stop_token_ids and not params.ignore_eos:
             reason = "stop"
@@ -274,9 +343,7 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, out: SeqOutput) -> None:
         if self._running.get(seq.slot) is seq:
-            del self._running[seq.slot]
-            heapq.heappush(self._free_slots, seq.slot)
-            self._live_tokens -= len(seq.prompt_ids) + len(seq.output_ids)
+            self._vacate(seq)
         self._send(seq, out)
         now = time.monotonic()
         stats = RequestStats(

@@ -1,48 +1,194 @@
-"""Slot-based KV cache: one row per running sequence, grown along the token axis on demand."""
+"""Paged KV cache: fixed-size blocks of tokens from one pool, a block table per sequence row, and keys and values
+stored as the model's dtype or quantized to int8 / int4 (kernels/kv_quant.py).
+
+    cache = PagedKVCache(layers, rows, kv_heads, head_dim, max_len, device, dtype, kind="int8", num_blocks=4096)
+    cache.ensure(row, length)     # blocks for positions [0, length) of the sequence in `row` (NoFreeBlocks if not)
+    cache.write(layer, row, start, k, v)   # prefill: k, v [kv_heads, T, head_dim] at positions start ...
+    keys, values = cache.read(layer, rows, length)  # dense, dequantized (the Python path; native code reads in place)
+    cache.release(row)            # its blocks go back to the pool
+
+Per layer the pool is k, v [num_blocks, kv_heads, block_size, head_dim] (int4: head_dim / 2 bytes of two codes),
+with per token and head fp16 scales (int8, int4) and zeros (int4) [num_blocks, kv_heads, block_size]. `tables`
+[rows, max_blocks] int32 maps a row's i-th block of block_size positions to its pool block. The pool is
+allocated once and left uninitialised: the OS commits its pages when blocks are first written, and blocks are
+handed out lowest first, so resident memory follows the most tokens live at once, not rows x max_len.
+"""
 from __future__ import annotations
+
+import heapq
 
 import torch
 
+from mamp.kernels import kv_quant
 
-class SlotKVCache:
-    """Per layer, k and v of shape [num_slots, num_kv_heads, capacity, head_dim].
+BLOCK_SIZE = 16
+KINDS = kv_quant.KINDS
 
-    `capacity` starts small and doubles (up to `max_len`) when a sequence needs more, so a long
-    --max-model-len costs memory only once some request is that long.
-    """
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 max_len: int, device: torch.device, dtype: torch.dtype, initial_len: int = 256):
-        self.num_layers, self.num_slots = num_layers, num_slots
-        self.num_kv_heads, self.head_dim, self.max_len = num_kv_heads, head_dim, max_len
-        self.device, self.dtype = device, dtype
-        self.capacity = min(max_len, initial_len)
-        shape = (num_slots, num_kv_heads, self.capacity, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+class NoFreeBlocks(RuntimeError):
+    """The pool has fewer free blocks than a sequence needs."""
+
+
+class BlockAllocator:
+    """Block ids 0 .. num_blocks - 1; the lowest free ids first (compact pages)."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks))  # a sorted list is a valid min-heap
+        self._used: set[int] = set()
 
     @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise NoFreeBlocks(f"{n} blocks wanted, {len(self._free)} free")
+        blocks = [heapq.heappop(self._free) for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"block {b} is not in use")
+            self._used.remove(b)
+            heapq.heappush(self._free, b)
+
+
+def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one token across all layers, bytes, with scales and zeros."""
+    if kind == "auto":
+        per_head = head_dim * torch.empty((), dtype=dtype).element_size()
+    else:
+        per_head = kv_quant.code_dim(kind, head_dim) + (2 if kind == "int8" else 4)
+    return 2 * num_layers * num_kv_heads * per_head
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype, kind: str = "auto", num_blocks: int | None = None,
+                 block_size: int = BLOCK_SIZE):
+        if kind not in KINDS:
+            raise ValueError(f"kv cache dtype must be one of {', '.join(KINDS)}, got {kind!r}")
+        self.num_layers, self.num_rows, self.max_len = num_layers, num_rows, max_len
+        self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+        self.device, self.dtype, self.kind = device, dtype, kind
+        self.max_blocks = -(-max_len // block_size)
+        num_blocks = num_blocks if num_blocks is not None else num_rows * self.max_blocks
+        self.allocator = BlockAllocator(num_blocks)
+        self.num_blocks = num_blocks
+        self.tables = torch.zeros(num_rows, self.max_blocks, dtype=torch.int32, device=device)
+        self._row_blocks: list[list[int]] = [[] for _ in range(num_rows)]
+        shape = (num_blocks, num_kv_heads, block_size)
+        store = dtype if kind == "auto" else kv_quant.STORAGE[kind]
+        cd = kv_quant.code_dim(kind, head_dim)
+        self.k = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
+        self.v = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
+        n_meta = {"auto": 0, "int8": 1, "int4": 2}[kind]  # scales, then zeros
+        self.meta = [[torch.empty(shape, device=device, dtype=torch.float16) for _ in range(2 * n_meta)]
+                     for _ in range(num_layers)]  # per layer: k_scale, v_scale[, k_zero, v_zero]
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
     def bytes_per_token(self) -> int:
-        """K and V of one token across all layers, bytes."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return bytes_per_token(self.kind, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @property
+    def bytes_per_token_16bit(self) -> int:
+        """What one token would take in a 16-bit cache (the usual baseline)."""
+        return bytes_per_token("auto", self.num_layers, self.num_kv_heads, self.head_dim, torch.bfloat16)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def capacity_bytes(self) -> int:
-        return self.bytes_per_token * self.num_slots * self.capacity
+        return self.capacity_tokens * self.bytes_per_token
 
-    def ensure_capacity(self, length: int) -> None:
-        """Grow the token axis so that positions [0, length) fit."""
+    @property
+    def usage_bytes(self) -> int:
+        """Bytes of the blocks held by sequences."""
+        return self.allocator.num_used * self.block_size * self.bytes_per_token
+
+    def blocks_for(self, length: int) -> int:
+        return -(-length // self.block_size)
+
+    def blocks_needed(self, row: int, length: int) -> int:
+        """Blocks `row` still needs to hold positions [0, length)."""
+        return max(0, self.blocks_for(length) - len(self._row_blocks[row]))
+
+    # ---- blocks --------------------------------------------------------------------------------
+    def ensure(self, row: int, length: int) -> None:
+        """Blocks for positions [0, length) of `row`; raises NoFreeBlocks (allocating nothing) if the pool is short."""
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens exceeds the cache limit of {self.max_len}")
-        if length <= self.capacity:
+        need = self.blocks_needed(row, length)
+        if need:
+            have = self._row_blocks[row]
+            new = self.allocator.allocate(need)
+            self.tables[row, len(have):len(have) + need] = torch.tensor(new, dtype=torch.int32)
+            have.extend(new)
+
+    def release(self, row: int) -> None:
+        self.allocator.free(self._row_blocks[row])
+        self._row_blocks[row] = []
+
+    def row_blocks(self, row: int) -> list[int]:
+        return list(self._row_blocks[row])
+
+    # ---- the reference reads and writes (native code does the same in place) ------------------------------
+    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
+        """k, v[, k_scale, v_scale[, k_zero, v_zero]]: what the native decode layer reads and writes."""
+        return [self.k[layer], self.v[layer], *self.meta[layer]]
+
+    def _store(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [N, kv_heads, head_dim] to (blocks[n], :, offsets[n])."""
+        if self.kind == "auto":
+            self.k[layer][blocks, :, offsets] = k.to(self.dtype)
+            self.v[layer][blocks, :, offsets] = v.to(self.dtype)
             return
-        new_cap = self.capacity
-        while new_cap < length:
-            new_cap *= 2
-        new_cap = min(new_cap, self.max_len)
-        pad = (self.num_slots, self.num_kv_heads, new_cap - self.capacity, self.head_dim)
-        for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                cache[i] = torch.cat([t, torch.zeros(pad, device=self.device, dtype=self.dtype)], dim=2)
-        self.capacity = new_cap
+        meta = self.meta[layer]
+        for j, (pool, x) in enumerate(((self.k[layer], k), (self.v[layer], v))):
+            codes, scale, zero = kv_quant.quantize(x, self.kind)
+            pool[blocks, :, offsets] = codes
+            meta[j][blocks, :, offsets] = scale
+            if zero is not None:
+                meta[2 + j][blocks, :, offsets] = zero
+
+    def write(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [kv_heads, T, head_dim]: positions start .. start + T - 1 of `row` (blocks already ensured)."""
+        pos = torch.arange(start, start + k.shape[1], device=self.device)
+        blocks = self.tables[row, pos // self.block_size].long()
+        self._store(layer, blocks, pos % self.block_size, k.transpose(0, 1), v.transpose(0, 1))
+
+    def write_tokens(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """One token per row: k, v [B, kv_heads, head_dim] at positions[b] of rows[b]."""
+        blocks = self.tables[rows, positions // self.block_size].long()
+        self._store(layer, blocks, positions % self.block_size, k, v)
+
+    def read(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) of each row: [B, kv_heads, length, head_dim] in the compute
+        dtype (a copy). Positions a row has not written hold whatever its blocks hold: mask them."""
+        nb = self.blocks_for(length)
+        idx = self.tables[rows, :nb].long()  # [B, nb]
+        b = idx.shape[0]
+
+        def dense(t: torch.Tensor) -> torch.Tensor:  # [NB, KVH, BS, ...] -> [B, KVH, nb * BS, ...]
+            g = t[idx].transpose(1, 2)
+            return g.reshape(b, self.num_kv_heads, nb * self.block_size, *t.shape[3:])[:, :, :length]
+
+        if self.kind == "auto":
+            return dense(self.k[layer]), dense(self.v[layer])
+        meta = [dense(m) for m in self.meta[layer]]
+        zk, zv = (meta[2], meta[3]) if self.kind == "int4" else (None, None)
+        return (kv_quant.dequantize(dense(self.k[layer]), meta[0], zk, self.kind, self.dtype),
+                kv_quant.dequantize(dense(self.v[layer]), meta[1], zv, self.kind, self.dtype))

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from .model_loader import ModelInfo
 from .stats import EngineSnapshot, RequestStats
@@ -40,6 +42,23 @@ def _cuda_bytes(kind: str) -> int:
     return torch.cuda.memory_allocated() if kind == "allocated" else torch.cuda.memory_reserved()
 
 
+def _saving(snap: EngineSnapshot) -> float:
+    return 1.0 - snap.kv_cache_capacity_bytes / snap.kv_cache_capacity_16bit_bytes if snap.kv_cache_capacity_16bit_bytes else 0.0
+
+
+class _PreemptionCollector(Collector):
+    """mamp:num_preemptions_total, a counter the engine keeps (read at scrape time)."""
+
+    def __init__(self, model_name: str, snapshot: Callable[[], EngineSnapshot]):
+        self.model_name, self.snapshot = model_name, snapshot
+
+    def collect(self):
+        c = CounterMetricFamily("mamp:num_preemptions", "Sequences preempted because the KV cache was full "
+                                "(recomputed when blocks free up).", labels=["model_name"])
+        c.add_metric([self.model_name], self.snapshot().num_preemptions)
+        yield c
+
+
 class ServerMetrics:
     def __init__(self, model_name: str, info: ModelInfo, snapshot: Callable[[], EngineSnapshot]):
         self.registry = CollectorRegistry()
@@ -60,9 +79,19 @@ class ServerMetrics:
               lambda: _cuda_bytes("allocated"))
         gauge("mamp:cuda_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU).",
               lambda: _cuda_bytes("reserved"))
-        gauge("mamp:kv_cache_usage_bytes", "KV cache bytes holding live tokens.",
+        gauge("mamp:kv_cache_usage_bytes", "KV-cache blocks held by sequences, bytes (in the cache's dtype).",
               lambda: snapshot().kv_cache_usage_bytes)
-        gauge("mamp:kv_cache_capacity_bytes", "KV cache bytes allocated.", lambda: snapshot().kv_cache_capacity_bytes)
+        gauge("mamp:kv_cache_capacity_bytes", "The KV-cache block pool, bytes (in the cache's dtype).",
+              lambda: snapshot().kv_cache_capacity_bytes)
+        gauge("mamp:kv_cache_usage_16bit_bytes", "The blocks in use as a 16-bit cache would hold them, bytes.",
+              lambda: snapshot().kv_cache_usage_16bit_bytes)
+        gauge("mamp:kv_cache_capacity_16bit_bytes", "The pool's tokens in a 16-bit cache, bytes.",
+              lambda: snapshot().kv_cache_capacity_16bit_bytes)
+        gauge("mamp:kv_cache_saving_ratio", "1 - KV cache bytes / 16-bit bytes for the same tokens.",
+              lambda: _saving(snapshot()))
+        gauge("mamp:kv_cache_blocks_used", "KV-cache blocks held by sequences.", lambda: snapshot().kv_cache_blocks_used)
+        gauge("mamp:kv_cache_blocks_free", "Free KV-cache blocks.", lambda: snapshot().kv_cache_blocks_free)
+        reg.register(_PreemptionCollector(model_name, snapshot))
         gauge("mamp:num_requests_running", "Sequences in the running batch.", lambda: snapshot().num_running)
         gauge("mamp:num_requests_waiting", "Sequences waiting for a slot.", lambda: snapshot().num_waiting)
 

@@ -5,10 +5,13 @@ import logging
 import os
 from dataclasses import dataclass
 
+import torch
+
 from mamp.kernels import cpu_matmul
 
 from .batched_llama import BatchedLlama
-from .config import ServerConfig
+from . import kv_cache
+from .config import DEFAULT_KV_CACHE_MEMORY, ServerConfig
 from .engine import Engine
 from .metrics import ServerMetrics
 from .model_loader import ModelInfo, load_for_serving
@@ -43,6 +46,27 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
+def kv_cache_blocks(config: ServerConfig, model, info: ModelInfo, max_len: int) -> int:
+    """Blocks in the KV pool: --kv-cache-memory, or max_num_seqs x max_len tokens capped at the default memory;
+    a pool that cannot hold one sequence of max_len is a start-up error."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = kv_cache.bytes_per_token(config.kv_cache_dtype, cfg.num_hidden_layers,
+                                         getattr(cfg, "num_key_value_heads", None) or heads, head_dim, getattr(torch, info.dtype))
+    per_block = per_token * kv_cache.BLOCK_SIZE
+    need = -(-max_len // kv_cache.BLOCK_SIZE)  # one sequence of max_len
+    if config.kv_cache_memory is None:
+        return max(need, min(config.max_num_seqs * need, DEFAULT_KV_CACHE_MEMORY // per_block))
+    blocks = config.kv_cache_memory // per_block
+    if blocks < need:
+        raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} bytes holds {blocks * kv_cache.BLOCK_SIZE} "
+                         f"tokens ({per_token} bytes each as {config.kv_cache_dtype}), fewer than one sequence of "
+                         f"--max-model-len {max_len}: give at least {need * per_block} bytes or a smaller "
+                         f"--max-model-len")
+    return blocks
+
+
 def build_runtime(config: ServerConfig) -> Runtime:
     if config.cpu_activations != "auto":  # read by the kernel choice at load (kernels/dispatch.py)
         os.environ[cpu_matmul.ACTIVATIONS_ENV] = config.cpu_activations
@@ -53,7 +77,13 @@ def build_runtime(config: ServerConfig) -> Runtime:
     logger.info("weights: %.2f MiB as loaded vs %.2f MiB in bf16 (%.1f%% saved); %s on %s as %s",
                 info.weight_bytes / _MIB, info.weight_bf16_bytes / _MIB, 100 * info.saving_ratio,
                 "packed mamp checkpoint" if info.quantized else "float checkpoint", info.device, info.dtype)
-    runner = BatchedLlama(model, config.max_num_seqs, max_len)
+    blocks = kv_cache_blocks(config, model, info, max_len)
+    runner = BatchedLlama(model, config.max_num_seqs, max_len, config.kv_cache_dtype, blocks)
+    cache = runner.cache
+    logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.1f MiB (%.2fx the tokens of a 16-bit cache)",
+                config.kv_cache_dtype if config.kv_cache_dtype != "auto" else f"{cache.dtype} (auto)",
+                cache.num_blocks, cache.block_size, cache.capacity_tokens, cache.capacity_bytes / _MIB,
+                cache.bytes_per_token_16bit / cache.bytes_per_token)
     engine = Engine(runner, tokenizer, config.max_num_seqs, config.max_queue,
                     on_finished=lambda stats: metrics.observe_finished(stats),
                     max_prefill_tokens=config.max_prefill_tokens,

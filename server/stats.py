@@ -20,5 +20,10 @@ class RequestStats:
 class EngineSnapshot:
     num_running: int
     num_waiting: int
-    kv_cache_usage_bytes: int    # bytes of KV cache holding live tokens
-    kv_cache_capacity_bytes: int  # bytes allocated for the KV cache
+    kv_cache_usage_bytes: int    # bytes of the KV-cache blocks held by sequences (in the cache's dtype)
+    kv_cache_capacity_bytes: int  # bytes of the whole block pool
+    kv_cache_usage_16bit_bytes: int = 0     # the same blocks in a 16-bit cache
+    kv_cache_capacity_16bit_bytes: int = 0  # the same pool in a 16-bit cache
+    kv_cache_blocks_used: int = 0
+    kv_cache_blocks_free: int = 0
+    num_preemptions: int = 0      # sequences preempted (recomputed later) because the pool was full

@@ -32,8 +32,12 @@ GAUGES = [
     "mamp:process_resident_memory_bytes", "mamp:cuda_memory_allocated_bytes", "mamp:cuda_memory_reserved_bytes",
     "mamp:kv_cache_usage_bytes", "mamp:kv_cache_capacity_bytes", "mamp:num_requests_running",
     "mamp:num_requests_waiting",
+    # issue 18: the KV cache in its dtype and as 16 bits, its saving and blocks
+    "mamp:kv_cache_usage_16bit_bytes", "mamp:kv_cache_capacity_16bit_bytes", "mamp:kv_cache_saving_ratio",
+    "mamp:kv_cache_blocks_used", "mamp:kv_cache_blocks_free",
 ]
-COUNTERS = ["mamp:requests_finished", "mamp:requests_failed", "mamp:prompt_tokens", "mamp:generation_tokens"]
+COUNTERS = ["mamp:requests_finished", "mamp:requests_failed", "mamp:prompt_tokens", "mamp:generation_tokens",
+            "mamp:num_preemptions"]
 HISTOGRAMS = [
     "mamp:time_to_first_token_seconds", "mamp:inter_token_latency_seconds", "mamp:e2e_request_latency_seconds",
     "mamp:request_queue_time_seconds", "mamp:request_prompt_tokens", "mamp:request_generation_tokens",

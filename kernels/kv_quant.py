@@ -1,0 +1,65 @@
+"""Quantized KV-cache entries: the pure-torch reference of what the native decode layer
+(kernels/cpu_decode_layer.cpp) writes and reads, bit for bit.
+
+Each token's key (or value) of one KV head, a vector of head_dim numbers, is quantized on its own when it is
+written; no calibration, no later pass.
+
+    int8  symmetric: scale = absmax / 127 (stored fp16), code = round(x / scale) in [-127, 127] (int8),
+          x ~ code * scale
+    int4  asymmetric over the whole head: zero = min (fp16), scale = (max - min) / 15 (fp16),
+          code = round((x - zero) / scale) in [0, 15], two codes per byte (element 2i in the low nibble,
+          2i + 1 in the high one), x ~ code * scale + zero
+
+The stored fp16 scale and zero are the ones used to compute the codes (the float value of the fp16), so
+quantizing a dequantized vector gives the same codes back. Rounding is to nearest, ties to even (torch.round,
+C's nearbyint). A zero scale (a constant vector) gives codes 0 and dequantizes exactly for int8, to the zero
+for int4.
+
+Per token and head: int8 is head_dim + 2 bytes, int4 head_dim / 2 + 4, against 2 * head_dim for 16-bit.
+"""
+from __future__ import annotations
+
+import torch
+
+KINDS = ("auto", "int8", "int4")
+STORAGE = {"int8": torch.int8, "int4": torch.uint8}
+
+
+def code_dim(kind: str, head_dim: int) -> int:
+    """Elements per token and head in the code tensor."""
+    if kind == "int4":
+        if head_dim % 2:
+            raise ValueError(f"int4 KV cache needs an even head_dim, got {head_dim}")
+        return head_dim // 2
+    return head_dim
+
+
+def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [..., D] float -> (codes [..., D] int8 | [..., D/2] uint8, scale [...] fp16, zero [...] fp16 | None)."""
+    x = x.float()
+    if kind == "int8":
+        scale = (x.abs().amax(-1) / 127).half()
+        s = scale.float()[..., None]
+        codes = torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1)), 0).clamp_(-127, 127)
+        return codes.to(torch.int8), scale, None
+    if kind == "int4":
+        lo, hi = x.amin(-1), x.amax(-1)
+        zero = lo.half()
+        scale = ((hi - lo) / 15).half()
+        s, z = scale.float()[..., None], zero.float()[..., None]
+        codes = torch.where(s > 0, torch.round((x - z) / torch.where(s > 0, s, 1)), 0).clamp_(0, 15).to(torch.uint8)
+        return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, zero
+    raise ValueError(f"no quantized KV kind {kind!r}; choose int8 or int4")
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, kind: str,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of quantize: [..., D] in `dtype`."""
+    s = scale.float()[..., None]
+    if kind == "int8":
+        return (codes.float() * s).to(dtype)
+    if kind == "int4":
+        lo, hi = (codes & 15).float(), (codes >> 4).float()
+        full = torch.stack((lo, hi), dim=-1).flatten(-2)
+        return (full * s + zero.float()[..., None]).to(dtype)
+    raise ValueError(f"no quantized KV kind {kind!r}; choose int8 or int4")

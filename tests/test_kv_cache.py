@@ -1,0 +1,139 @@
+"""The paged KV cache (server/kv_cache.py) and its quantized entries (kernels/kv_quant.py): quantization round
+trips, block allocation under random admission / finish / abort, and reads of paged (and quantized) blocks
+against a dense reference over ragged lengths and block boundaries."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mamp.kernels import kv_quant
+from mamp.server.kv_cache import BlockAllocator, NoFreeBlocks, PagedKVCache, bytes_per_token
+
+
+@pytest.mark.parametrize("kind,levels", [("int8", 127), ("int4", 15)])
+def test_quantize_round_trip_error_and_stable_codes(kind, levels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 64, generator=g) * torch.tensor([0.01, 1.0, 300.0])[None, :, None]
+    x[0, 0, 7] = 40.0  # an outlier channel
+    codes, scale, zero = kv_quant.quantize(x, kind)
+    assert codes.dtype == kv_quant.STORAGE[kind] and codes.shape[-1] == kv_quant.code_dim(kind, 64)
+    assert scale.dtype == torch.float16 and scale.shape == (5, 3)
+    y = kv_quant.dequantize(codes, scale, zero, kind)
+    span = (x.abs().amax(-1) * 2 if kind == "int8" else x.amax(-1) - x.amin(-1))[..., None]
+    # half a step, plus fp16 rounding of the scale (and zero) over the whole range of codes
+    assert bool(((y - x).abs() <= span / (2 * levels) * 1.01 + span * 2e-3).all())
+    again = kv_quant.quantize(y, kind)  # dequantized vectors quantize to the same codes
+    assert torch.equal(again[0], codes) and torch.equal(again[1], scale)
+
+
+def test_int4_nibble_order_and_constant_vectors():
+    x = torch.arange(16, dtype=torch.float32)  # min 0, scale 1: codes 0 .. 15
+    codes, scale, zero = kv_quant.quantize(x, "int4")
+    assert codes.tolist() == [(2 * i) | ((2 * i + 1) << 4) for i in range(8)]  # element 2i low, 2i + 1 high
+    assert float(scale) == 1.0 and float(zero) == 0.0
+    for kind in ("int8", "int4"):  # zero scale: no division by zero, exact back
+        c = torch.full((2, 8), 0.5 if kind == "int4" else 0.0)
+        q = kv_quant.quantize(c, kind)
+        assert torch.equal(kv_quant.dequantize(*q, kind), c)
+
+
+def test_bytes_per_token():
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64
+    assert bytes_per_token("auto", 30, 3, 64, torch.bfloat16) == 2 * 30 * 3 * 128
+    assert bytes_per_token("int8", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 66
+    assert bytes_per_token("int4", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 36
+
+
+def test_allocator_under_random_admission_finish_and_abort():
+    """Rows come and go at random lengths; no block is ever held twice, none leaks, tables match."""
+    rnd = random.Random(0)
+    cache = PagedKVCache(1, 6, 1, 4, max_len=200, device=torch.device("cpu"), dtype=torch.float32, num_blocks=40,
+                         block_size=16)
+    lengths = {}
+    for _ in range(2000):
+        row = rnd.randrange(6)
+        if row in lengths and rnd.random() < 0.3:  # finishes or is aborted
+            cache.release(row)
+            del lengths[row]
+            continue
+        want = min(200, lengths.get(row, 0) + rnd.randrange(1, 40))
+        need = cache.blocks_needed(row, want)
+        free = cache.allocator.num_free
+        try:
+            cache.ensure(row, want)
+        except NoFreeBlocks:
+            assert need > free and cache.allocator.num_free == free  # nothing taken on failure
+            continue
+        lengths[row] = want
+        held = [cache.row_blocks(r) for r in range(6)]
+        flat = [b for blocks in held for b in blocks]
+        assert len(flat) == len(set(flat)) == cache.allocator.num_used
+        assert cache.allocator.num_used + cache.allocator.num_free == 40
+        for r, blocks in enumerate(held):
+            assert len(blocks) == -(-lengths.get(r, 0) // 16)
+            assert cache.tables[r, :len(blocks)].tolist() == blocks
+    for row in list(lengths):
+        cache.release(row)
+    assert cache.allocator.num_free == 40 and cache.allocator.num_used == 0
+    with pytest.raises(ValueError, match="not in use"):
+        cache.allocator.free([3])
+    with pytest.raises(ValueError, match="exceeds the cache limit"):
+        cache.ensure(0, 201)
+
+
+def test_allocator_hands_out_the_lowest_blocks_first():
+    alloc = BlockAllocator(8)
+    assert alloc.allocate(3) == [0, 1, 2]
+    alloc.free([1])
+    assert alloc.allocate(2) == [1, 3]
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8", "int4"])
+def test_paged_reads_match_a_dense_reference(kind):
+    """Rows written in chunks and single tokens that straddle block boundaries, blocks interleaved between rows;
+    reads of any set of rows equal the dense reference (quantized: its quantize-dequantize)."""
+    g = torch.Generator().manual_seed(2)
+    kvh, d = 2, 8
+    cache = PagedKVCache(2, 4, kvh, d, max_len=80, device=torch.device("cpu"), dtype=torch.float32, kind=kind,
+                         num_blocks=24, block_size=16)
+    lengths = {0: 0, 1: 0, 3: 0}
+    dense = {r: torch.zeros(2, 2, kvh, 80, d) for r in lengths}  # [layer, k/v, kvh, pos, d]
+    for chunk in (5, 16, 1, 1, 13, 20, 1):  # the rows grow in turns, so their blocks interleave
+        for r in lengths:
+            start, end = lengths[r], lengths[r] + chunk
+            cache.ensure(r, end)
+            for layer in range(2):
+                k, v = torch.randn(2, kvh, chunk, d, generator=g)
+                if chunk == 1 and r != 0:  # the decode-step write
+                    cache.write_tokens(layer, torch.tensor([r]), torch.tensor([start]), k[:, 0][None], v[:, 0][None])
+                else:
+                    cache.write(layer, r, start, k, v)
+                dense[r][layer, 0, :, start:end], dense[r][layer, 1, :, start:end] = k, v
+            lengths[r] = end
+    assert cache.row_blocks(0) != list(range(len(cache.row_blocks(0))))  # really scattered
+    for rows in ([0], [3, 1], [1, 0, 3]):
+        length = max(lengths[r] for r in rows)
+        for layer in range(2):
+            keys, values = cache.read(layer, torch.tensor(rows), length)
+            assert keys.shape == (len(rows), kvh, length, d) and keys.dtype == torch.float32
+            for i, r in enumerate(rows):
+                n = lengths[r]
+                ref_k, ref_v = dense[r][layer, 0, :, :n], dense[r][layer, 1, :, :n]
+                if kind != "auto":
+                    ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k, kind), kind)
+                    ref_v = kv_quant.dequantize(*kv_quant.quantize(ref_v, kind), kind)
+                assert torch.equal(keys[i, :, :n], ref_k) and torch.equal(values[i, :, :n], ref_v)
+
+
+def test_usage_and_capacity_bytes():
+    cache = PagedKVCache(3, 2, 2, 8, max_len=64, device=torch.device("cpu"), dtype=torch.float32, kind="int8",
+                         num_blocks=10, block_size=16)
+    per_token = bytes_per_token("int8", 3, 2, 8, torch.float32)
+    assert cache.capacity_bytes == 160 * per_token and cache.usage_bytes == 0
+    cache.ensure(1, 17)
+    assert cache.usage_bytes == 32 * per_token
+    assert cache.bytes_per_token_16bit == 2 * 3 * 2 * 8 * 2
+    real = sum(t.numel() * t.element_size() for layer in range(3) for t in cache.layer_tensors(layer))
+    assert real == cache.capacity_bytes  # the accounting is the tensors' own size
