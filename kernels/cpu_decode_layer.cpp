@@ -4,7 +4,7 @@
 //
 //     x    = rms_norm(h) * w_in                      (fp32, HF's formula)
 //     q,k,v= fused qkv (packed kernel), RoPE with the caller's cos/sin (rotate-half convention)
-//     cache[block(pos), kvh, pos % BS] = k, v          (the paged cache, quantized on write where it is int8/int4)
+//     cache[block(pos), kvh, pos % BS] = k, v          (the paged cache; int8/int4: rotated, quantized on write)
 //     core = softmax(q K^T / sqrt(D)) V              over positions 0 .. pos of the sequence, its blocks read in place
 //     mid  = h + o_proj(core)
 //     out  = mid + down(silu(gate) * up)             gate/up one fused packed call, on rms_norm(mid) * w_post
@@ -65,7 +65,26 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
-// One token's key or value of one head, x [D], quantized as kernels/kv_quant.py does (the same operations in the
+// kernels/kv_quant.py's rotate: the orthonormal Hadamard transform of x [D] in place, in blocks of the largest
+// power of two dividing D, butterflies in the same order (bit for bit the reference's result); its own inverse.
+void rotate(float* x, int64_t D) {
+  const int64_t P = D & -D;
+  for (int64_t base = 0; base < D; base += P) {
+    for (int64_t h = 1; h < P; h *= 2) {
+      for (int64_t i = 0; i < P; i += 2 * h) {
+        for (int64_t j = base + i; j < base + i + h; ++j) {
+          const float a = x[j], b = x[j + h];
+          x[j] = a + b;
+          x[j + h] = a - b;
+        }
+      }
+    }
+  }
+  const float s = float(1.0 / std::sqrt(double(P)));
+  for (int64_t i = 0; i < D; ++i) x[i] *= s;
+}
+
+// One token's key or value of one head, x [D] (already rotated), quantized as kernels/kv_quant.py does (the same operations in the
 // same order, so the codes are those of the reference): int8 symmetric with an fp16 scale.
 void store_int8(const float* x, int64_t D, int8_t* codes, at::Half* scale) {
   float amax = 0.f;
@@ -87,13 +106,14 @@ void store_int4(const float* x, int64_t D, uint8_t* codes, at::Half* scale, at::
   const float z = float(zh), s = float(sh);
   *zero = zh;
   *scale = sh;
-  for (int64_t i = 0; i < D; i += 2) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
     uint8_t c[2];
     for (int k = 0; k < 2; ++k) {
-      const float v = s > 0.f ? std::nearbyint((x[i + k] - z) / s) : 0.f;
+      const float v = s > 0.f ? std::nearbyint((x[i + k * half] - z) / s) : 0.f;
       c[k] = uint8_t(std::min(15.f, std::max(0.f, v)));
     }
-    codes[i / 2] = uint8_t(c[0] | (c[1] << 4));
+    codes[i] = uint8_t(c[0] | (c[1] << 4));  // element i in the low nibble, i + D / 2 in the high one
   }
 }
 
@@ -200,6 +220,7 @@ struct DecodeLayer : torch::CustomClassHolder {
     auto entry = [&](int64_t b, int64_t g, int64_t p) -> int64_t {
       return (int64_t(table[sl[b] * max_blocks + p / BS]) * KVH + g) * BS + p % BS;
     };
+    std::vector<float> rot(D);
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkvp + b * qkv_w;
       for (int64_t hh = 0; hh < H + KVH; ++hh) rope(row + hh * D, cp + b * D, sp + b * D, D);
@@ -211,18 +232,24 @@ struct DecodeLayer : torch::CustomClassHolder {
           if (kind == 0) {
             float* dst = pool.data_ptr<float>() + e * CD;
             for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
-          } else if (kind == 8) {
-            store_int8(src, D, pool.data_ptr<int8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e);
+            continue;
+          }
+          for (int64_t i = 0; i < D; ++i) rot[i] = src[i];
+          rotate(rot.data(), D);
+          if (kind == 8) {
+            store_int8(rot.data(), D, pool.data_ptr<int8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e);
           } else {
-            store_int4(src, D, pool.data_ptr<uint8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e,
+            store_int4(rot.data(), D, pool.data_ptr<uint8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e,
                        cache[4 + kv].data_ptr<at::Half>() + e);
           }
         }
       }
     }
 
-    // Attention over each sequence's positions 0 .. pos, read from its blocks in place (dequantized on the fly);
-    // one task per (sequence, head).
+    // Attention over each sequence's positions 0 .. pos, read from its blocks in place; one task per (sequence,
+    // KV head) serving the query heads that share it, so each cached key and value is read (and dequantized into
+    // a small buffer of codes) once for all of them. Quantized entries hold rotated vectors: the queries are
+    // rotated (q . k = Hq . Hk) and the outputs rotated back (sum p Hv = H sum p v).
     at::Tensor core = at::empty({B, H * D}, h.options());
     float* corep = core.data_ptr<float>();
     const float scale = 1.f / std::sqrt(float(D));
@@ -237,70 +264,80 @@ struct DecodeLayer : torch::CustomClassHolder {
     const at::Half* vsc = kind ? cache[3].data_ptr<at::Half>() : nullptr;
     const at::Half* kz = kind == 4 ? cache[4].data_ptr<at::Half>() : nullptr;
     const at::Half* vz = kind == 4 ? cache[5].data_ptr<at::Half>() : nullptr;
-    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> score;
-      std::vector<float> cbuf(D);
+    // The codes of entry e as floats in buf (int4: low nibbles the first half, high nibbles the second).
+    auto codes = [&](const int8_t* c8, const uint8_t* c4, int64_t e, float* buf) {
+      if (kind == 8) {
+        const int8_t* c = c8 + e * CD;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) buf[i] = float(c[i]);
+      } else {
+        const uint8_t* c = c4 + e * CD;
+#pragma omp simd
+        for (int64_t i = 0; i < CD; ++i) buf[i] = float(c[i] & 15);
+#pragma omp simd
+        for (int64_t i = 0; i < CD; ++i) buf[CD + i] = float(c[i] >> 4);
+      }
+    };
+    at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> score, qs(group * D), qsum(group), zsum(group), buf(D);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, hh = t % H, g = hh / group, n = ps[b] + 1;
-        const float* q = qkvp + b * qkv_w + hh * D;
-        float qsum = 0.f;
-        for (int64_t i = 0; i < D; ++i) qsum += q[i];
-        score.resize(n);
-        float mx = -INFINITY;
+        const int64_t b = t / KVH, g = t % KVH, n = ps[b] + 1;
+        for (int64_t r = 0; r < group; ++r) {
+          const float* q = qkvp + b * qkv_w + (g * group + r) * D;
+          float* qr = qs.data() + r * D;
+          for (int64_t i = 0; i < D; ++i) qr[i] = q[i];
+          if (kind) rotate(qr, D);
+          float sum = 0.f;
+          for (int64_t i = 0; i < D; ++i) sum += qr[i];
+          qsum[r] = sum;
+          zsum[r] = 0.f;
+        }
+        score.resize(group * n);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t e = entry(b, g, j);
-          float s = 0.f;
-          if (kind == 0) {
-            const float* k = kf + e * CD;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
-          } else if (kind == 8) {
-            const int8_t* k = k8 + e * CD;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += q[i] * float(k[i]);
-            s *= float(ksc[e]);
-          } else {
-            const uint8_t* k = k4 + e * CD;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < CD; ++i) s += q[2 * i] * float(k[i] & 15) + q[2 * i + 1] * float(k[i] >> 4);
-            s = s * float(ksc[e]) + qsum * float(kz[e]);
+          const float* k = kf ? kf + e * CD : buf.data();
+          if (!kf) codes(k8, k4, e, buf.data());
+          const float ks = kind ? float(ksc[e]) : 1.f, kzero = kind == 4 ? float(kz[e]) : 0.f;
+          for (int64_t r = 0; r < group; ++r) {
+            const float* qr = qs.data() + r * D;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
+            score[r * n + j] = (dot * ks + qsum[r] * kzero) * scale;
           }
-          score[j] = s * scale;
-          mx = std::max(mx, score[j]);
         }
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          score[j] = std::exp(score[j] - mx);
-          sum += score[j];
+        for (int64_t r = 0; r < group; ++r) {  // softmax of each head's scores, unnormalised
+          float* sc = score.data() + r * n;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) {
+            sc[j] = std::exp(sc[j] - mx);
+            sum += sc[j];
+          }
+          qsum[r] = 1.f / sum;  // reused: the normaliser
+          float* o = corep + b * H * D + (g * group + r) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
         }
-        float* o = corep + b * H * D + hh * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-        float zsum = 0.f;  // int4: the sum of p * zero, added to every element at the end
         for (int64_t j = 0; j < n; ++j) {
           const int64_t e = entry(b, g, j);
-          if (kind == 0) {
-            const float p = score[j];
-            const float* v = vf + e * CD;
+          const float* v = vf ? vf + e * CD : buf.data();
+          if (!vf) codes(v8, v4, e, buf.data());
+          const float vs = kind ? float(vsc[e]) : 1.f, vzero = kind == 4 ? float(vz[e]) : 0.f;
+          for (int64_t r = 0; r < group; ++r) {
+            const float p = score[r * n + j];
+            const float pv = p * vs;
+            zsum[r] += p * vzero;  // int4: the zeros' share, added to every element at the end
+            float* o = corep + b * H * D + (g * group + r) * D;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
-          } else if (kind == 8) {
-            const float p = score[j] * float(vsc[e]);
-            const int8_t* v = v8 + e * CD;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) o[i] += p * float(v[i]);
-          } else {
-            const float p = score[j] * float(vsc[e]);
-            zsum += score[j] * float(vz[e]);
-            const uint8_t* v = v4 + e * CD;
-#pragma omp simd
-            for (int64_t i = 0; i < CD; ++i) {
-              o[2 * i] += p * float(v[i] & 15);
-              o[2 * i + 1] += p * float(v[i] >> 4);
-            }
+            for (int64_t i = 0; i < D; ++i) o[i] += pv * v[i];
           }
         }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum) * inv;
+        for (int64_t r = 0; r < group; ++r) {
+          float* o = corep + b * H * D + (g * group + r) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum[r]) * qsum[r];
+          if (kind) rotate(o, D);
+        }
       }
     });
 

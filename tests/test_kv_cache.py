@@ -21,20 +21,37 @@ def test_quantize_round_trip_error_and_stable_codes(kind, levels):
     assert codes.dtype == kv_quant.STORAGE[kind] and codes.shape[-1] == kv_quant.code_dim(kind, 64)
     assert scale.dtype == torch.float16 and scale.shape == (5, 3)
     y = kv_quant.dequantize(codes, scale, zero, kind)
-    span = (x.abs().amax(-1) * 2 if kind == "int8" else x.amax(-1) - x.amin(-1))[..., None]
+    xr, yr = kv_quant.rotate(x), kv_quant.rotate(y)  # the error bound holds where the codes live
+    span = (xr.abs().amax(-1) * 2 if kind == "int8" else xr.amax(-1) - xr.amin(-1))[..., None]
     # half a step, plus fp16 rounding of the scale (and zero) over the whole range of codes
-    assert bool(((y - x).abs() <= span / (2 * levels) * 1.01 + span * 2e-3).all())
+    assert bool(((yr - xr).abs() <= span / (2 * levels) * 1.01 + span * 2e-3).all())
+    # the rotation is orthonormal: the error's size is the same in the original basis
+    torch.testing.assert_close((y - x).norm(dim=-1), (yr - xr).norm(dim=-1), rtol=1e-4, atol=1e-5)
     again = kv_quant.quantize(y, kind)  # dequantized vectors quantize to the same codes
     assert torch.equal(again[0], codes) and torch.equal(again[1], scale)
 
 
-def test_int4_nibble_order_and_constant_vectors():
-    x = torch.arange(16, dtype=torch.float32)  # min 0, scale 1: codes 0 .. 15
+def test_rotate_is_an_orthonormal_involution_in_power_of_two_blocks():
+    g = torch.Generator().manual_seed(1)
+    for d in (64, 96, 80, 6):  # blocks of 64, 32, 16, 2
+        x = torch.randn(3, d, generator=g)
+        r = kv_quant.rotate(x)
+        torch.testing.assert_close(kv_quant.rotate(r), x, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r.norm(dim=-1), x.norm(dim=-1))
+        p = d & -d
+        e = torch.zeros(d)
+        e[d - p] = 1.0  # the first element of the last block stays in that block, spread evenly
+        r = kv_quant.rotate(e)
+        assert torch.allclose(r[d - p:].abs(), torch.full((p,), p ** -0.5)) and not r[:d - p].any()
+
+
+def test_int4_nibble_order_and_zero_vectors():
+    x = kv_quant.rotate(torch.arange(16, dtype=torch.float32))  # rotated back inside: min 0, scale 1, codes 0 .. 15
     codes, scale, zero = kv_quant.quantize(x, "int4")
-    assert codes.tolist() == [(2 * i) | ((2 * i + 1) << 4) for i in range(8)]  # element 2i low, 2i + 1 high
-    assert float(scale) == 1.0 and float(zero) == 0.0
+    assert codes.tolist() == [i | ((i + 8) << 4) for i in range(8)]  # element i low, i + D/2 high
+    assert float(scale) == 1.0 and abs(float(zero)) < 1e-5
     for kind in ("int8", "int4"):  # zero scale: no division by zero, exact back
-        c = torch.full((2, 8), 0.5 if kind == "int4" else 0.0)
+        c = torch.zeros(2, 8)
         q = kv_quant.quantize(c, kind)
         assert torch.equal(kv_quant.dequantize(*q, kind), c)
 
