@@ -7,11 +7,11 @@ max_num_batched_tokens): each step prefills at most that many prompt tokens, old
 decodes every running sequence, so a long prompt arriving delays the running streams by one chunk per step
 rather than by its whole prefill. (Prompts asking for prompt logprobs are prefilled whole.)
 
-KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt) and as it grows; a
-sequence waits in the queue until its prompt's blocks are free. When a running sequence needs a block and none
-is free, the sequence that arrived last is preempted (like vLLM's recompute preemption): its blocks and row
-are freed and it goes back to the head of the queue, to prefill its prompt and the tokens it has generated again
-once blocks are free, then go on where it stopped. The oldest sequence is never preempted for a younger one, and
+KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt and the first
+generated position) and as it grows; a sequence waits in the queue until those blocks are free. When a running
+sequence needs a block and none is free, the sequence that arrived last is preempted (like vLLM's recompute
+preemption): its blocks and row are freed and it goes back to the head of the queue, to prefill its prompt and
+the tokens it has generated again once blocks are free, then go on where it stopped. The oldest sequence is never preempted for a younger one, and
 the pool holds at least one sequence of max_model_len (runtime check), so every sequence finishes."""
 from __future__ import annotations
 
@@ -174,15 +174,19 @@ class Engine:
         aborted += [s for s in self._running.values() if s.seq_id in aborts]
         for seq in aborted:
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
+        cache = self.runner.cache
+        free = cache.allocator.num_free
         with self._cv:
             admitted = []
             while self._waiting and self._free_slots:
                 seq = self._waiting[0]
                 seq.target = seq.prompt_ids + seq.output_ids[:-1]
-                need, cache = self.runner.cache.blocks_for(len(seq.target)), self.runner.cache
-                if cache.allocator.num_free < need <= cache.num_blocks:
-                    break  # first come, first served: it waits for blocks, and so do those behind it (one that
-                    # can never fit is admitted, to be refused there)
+                # its prompt (and what it generated before a preemption) and the first decode position
+                need = cache.blocks_for(len(seq.target) + 1)
+                if free < need <= cache.num_blocks and self._admissible(seq):
+                    break  # first come, first served: it waits for blocks, and so do those behind it
+                free -= need  # (one that _check_prompt refuses, or that no pool could hold, is admitted to be
+                # ended there, holding nothing)
                 self._waiting.popleft()
                 seq.slot = heapq.heappop(self._free_slots)
                 admitted.append(seq)
@@ -197,7 +201,7 @@ class Engine:
         self._running[seq.slot] = seq
         try:
             self._check_prompt(seq.prompt_ids)
-            self.runner.cache.ensure(seq.slot, len(seq.target))
+            self.runner.cache.ensure(seq.slot, len(seq.target) + 1)
             if seq.generator is None:
                 seq.generator = make_generator(seq.params.seed, self.runner.device)
         except Exception as exc:  # a bad request must not take the engine down
@@ -362,6 +366,13 @@ class Engine:
             seq.sink(out)
         except Exception:  # the consumer's event loop is gone; the sequence is aborted separately
             logger.debug("dropping output for sequence %d", seq.seq_id)
+
+    def _admissible(self, seq: _Sequence) -> bool:
+        try:
+            self._check_prompt(seq.prompt_ids)
+        except ValueError:
+            return False
+        return True
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt or len(prompt) >= self.max_model_len:

@@ -71,6 +71,19 @@ def test_a_full_pool_preempts_and_every_sequence_still_finishes_as_alone(tiny):
     assert cache.allocator.num_used == 0 and cache.allocator.num_free == 9  # everything freed
 
 
+def test_prompts_wait_for_blocks_rather_than_fail(tiny):
+    """Two prompts that each need most of the pool, submitted together: the second waits for the first's blocks
+    (admission counts the blocks it has already promised in the same step), and a prompt whose first decode
+    position opens a new block gets that block with its prompt (no self-preemption loop)."""
+    model, tok = tiny
+    prompts = [" ".join(["Once upon a time"] * 8), " ".join(["The cat sat"] * 8)]
+    lengths = [len(tok(p).input_ids) for p in prompts]
+    assert all(33 <= n <= 48 for n in lengths), lengths  # 3 blocks with the first decode position
+    roomy, _ = run_engine(model, tok, prompts, blocks=16, rows=2, max_tokens=8)
+    tight, engine = run_engine(model, tok, prompts, blocks=4, rows=2, max_tokens=8)
+    assert tight == roomy and engine.num_preemptions == 0
+
+
 def test_int8_cache_decodes_close_to_the_float_cache(tiny):
     """The quantized cache through the whole engine: most greedy tokens agree with the fp32 cache's."""
     model, tok = tiny
