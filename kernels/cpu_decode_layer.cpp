@@ -278,12 +278,18 @@ struct DecodeLayer : torch::CustomClassHolder {
         for (int64_t i = 0; i < CD; ++i) buf[CD + i] = float(c[i] >> 4);
       }
     };
-    at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> score, qs(group * D), qsum(group), zsum(group), buf(D);
+    // Few sequences (fewer tasks than two per thread): one task per query head instead, so that all threads work
+    // (each then reads its KV head's entries itself).
+    const int64_t per_task = B * KVH >= 2 * at::get_num_threads() ? group : 1;
+    const int64_t tasks_per_kv = group / per_task;
+    at::parallel_for(0, B * KVH * tasks_per_kv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), buf(D);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / KVH, g = t % KVH, n = ps[b] + 1;
-        for (int64_t r = 0; r < group; ++r) {
-          const float* q = qkvp + b * qkv_w + (g * group + r) * D;
+        const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
+        const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
+        const int32_t* trow = table + sl[b] * max_blocks;
+        for (int64_t r = 0; r < per_task; ++r) {
+          const float* q = qkvp + b * qkv_w + (h0 + r) * D;
           float* qr = qs.data() + r * D;
           for (int64_t i = 0; i < D; ++i) qr[i] = q[i];
           if (kind) rotate(qr, D);
@@ -292,21 +298,24 @@ struct DecodeLayer : torch::CustomClassHolder {
           qsum[r] = sum;
           zsum[r] = 0.f;
         }
-        score.resize(group * n);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t e = entry(b, g, j);
-          const float* k = kf ? kf + e * CD : buf.data();
-          if (!kf) codes(k8, k4, e, buf.data());
-          const float ks = kind ? float(ksc[e]) : 1.f, kzero = kind == 4 ? float(kz[e]) : 0.f;
-          for (int64_t r = 0; r < group; ++r) {
-            const float* qr = qs.data() + r * D;
-            float dot = 0.f;
+        score.resize(per_task * n);
+        for (int64_t j0 = 0; j0 < n; j0 += BS) {  // block by block: entries e0 .. e0 + cnt - 1 of one pool block
+          const int64_t e0 = (int64_t(trow[j0 / BS]) * KVH + g) * BS, cnt = std::min(BS, n - j0);
+          for (int64_t o = 0; o < cnt; ++o) {
+            const int64_t e = e0 + o;
+            const float* k = kf ? kf + e * CD : buf.data();
+            if (!kf) codes(k8, k4, e, buf.data());
+            const float ks = kind ? float(ksc[e]) : 1.f, kzero = kind == 4 ? float(kz[e]) : 0.f;
+            for (int64_t r = 0; r < per_task; ++r) {
+              const float* qr = qs.data() + r * D;
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
-            score[r * n + j] = (dot * ks + qsum[r] * kzero) * scale;
+              for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
+              score[r * n + j0 + o] = (dot * ks + qsum[r] * kzero) * scale;
+            }
           }
         }
-        for (int64_t r = 0; r < group; ++r) {  // softmax of each head's scores, unnormalised
+        for (int64_t r = 0; r < per_task; ++r) {  // softmax of each head's scores, unnormalised
           float* sc = score.data() + r * n;
           float mx = -INFINITY;
           for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
@@ -316,25 +325,28 @@ struct DecodeLayer : torch::CustomClassHolder {
             sum += sc[j];
           }
           qsum[r] = 1.f / sum;  // reused: the normaliser
-          float* o = corep + b * H * D + (g * group + r) * D;
+          float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
         }
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t e = entry(b, g, j);
-          const float* v = vf ? vf + e * CD : buf.data();
-          if (!vf) codes(v8, v4, e, buf.data());
-          const float vs = kind ? float(vsc[e]) : 1.f, vzero = kind == 4 ? float(vz[e]) : 0.f;
-          for (int64_t r = 0; r < group; ++r) {
-            const float p = score[r * n + j];
-            const float pv = p * vs;
-            zsum[r] += p * vzero;  // int4: the zeros' share, added to every element at the end
-            float* o = corep + b * H * D + (g * group + r) * D;
+        for (int64_t j0 = 0; j0 < n; j0 += BS) {
+          const int64_t e0 = (int64_t(trow[j0 / BS]) * KVH + g) * BS, cnt = std::min(BS, n - j0);
+          for (int64_t o = 0; o < cnt; ++o) {
+            const int64_t e = e0 + o;
+            const float* v = vf ? vf + e * CD : buf.data();
+            if (!vf) codes(v8, v4, e, buf.data());
+            const float vs = kind ? float(vsc[e]) : 1.f, vzero = kind == 4 ? float(vz[e]) : 0.f;
+            for (int64_t r = 0; r < per_task; ++r) {
+              const float p = score[r * n + j0 + o];
+              const float pv = p * vs;
+              zsum[r] += p * vzero;  // int4: the zeros' share, added to every element at the end
+              float* out = corep + b * H * D + (h0 + r) * D;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) o[i] += pv * v[i];
+              for (int64_t i = 0; i < D; ++i) out[i] += pv * v[i];
+            }
           }
         }
-        for (int64_t r = 0; r < group; ++r) {
-          float* o = corep + b * H * D + (g * group + r) * D;
+        for (int64_t r = 0; r < per_task; ++r) {
+          float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum[r]) * qsum[r];
           if (kind) rotate(o, D);
         }
