@@ -298,23 +298,29 @@ struct DecodeLayer : torch::CustomClassHolder {
           qsum[r] = sum;
           zsum[r] = 0.f;
         }
-        score.resize(per_task * n);
-        for (int64_t j0 = 0; j0 < n; j0 += BS) {  // block by block: entries e0 .. e0 + cnt - 1 of one pool block
-          const int64_t e0 = (int64_t(trow[j0 / BS]) * KVH + g) * BS, cnt = std::min(BS, n - j0);
-          for (int64_t o = 0; o < cnt; ++o) {
-            const int64_t e = e0 + o;
-            const float* k = kf ? kf + e * CD : buf.data();
-            if (!kf) codes(k8, k4, e, buf.data());
-            const float ks = kind ? float(ksc[e]) : 1.f, kzero = kind == 4 ? float(kz[e]) : 0.f;
-            for (int64_t r = 0; r < per_task; ++r) {
-              const float* qr = qs.data() + r * D;
-              float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
-              score[r * n + j0 + o] = (dot * ks + qsum[r] * kzero) * scale;
+        // fn(j, x, scale, zero) for positions j = 0 .. n - 1, block by block (one table lookup per block): x the
+        // entry's floats (fp32), or its codes as floats with their scale and zero (int8, int4).
+        auto each_entry = [&](const float* f, const int8_t* c8, const uint8_t* c4, const at::Half* sc,
+                              const at::Half* zr, auto&& fn) {
+          for (int64_t j0 = 0; j0 < n; j0 += BS) {
+            const int64_t e0 = (int64_t(trow[j0 / BS]) * KVH + g) * BS, cnt = std::min(BS, n - j0);
+            for (int64_t o = 0; o < cnt; ++o) {
+              const int64_t e = e0 + o;
+              if (!f) codes(c8, c4, e, buf.data());
+              fn(j0 + o, f ? f + e * CD : buf.data(), sc ? float(sc[e]) : 1.f, zr ? float(zr[e]) : 0.f);
             }
           }
-        }
+        };
+        score.resize(per_task * n);
+        each_entry(kf, k8, k4, ksc, kz, [&](int64_t j, const float* k, float ks, float kzero) {
+          for (int64_t r = 0; r < per_task; ++r) {
+            const float* qr = qs.data() + r * D;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
+            score[r * n + j] = (dot * ks + qsum[r] * kzero) * scale;
+          }
+        });
         for (int64_t r = 0; r < per_task; ++r) {  // softmax of each head's scores, unnormalised
           float* sc = score.data() + r * n;
           float mx = -INFINITY;
@@ -328,23 +334,16 @@ struct DecodeLayer : torch::CustomClassHolder {
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
         }
-        for (int64_t j0 = 0; j0 < n; j0 += BS) {
-          const int64_t e0 = (int64_t(trow[j0 / BS]) * KVH + g) * BS, cnt = std::min(BS, n - j0);
-          for (int64_t o = 0; o < cnt; ++o) {
-            const int64_t e = e0 + o;
-            const float* v = vf ? vf + e * CD : buf.data();
-            if (!vf) codes(v8, v4, e, buf.data());
-            const float vs = kind ? float(vsc[e]) : 1.f, vzero = kind == 4 ? float(vz[e]) : 0.f;
-            for (int64_t r = 0; r < per_task; ++r) {
-              const float p = score[r * n + j0 + o];
-              const float pv = p * vs;
-              zsum[r] += p * vzero;  // int4: the zeros' share, added to every element at the end
-              float* out = corep + b * H * D + (h0 + r) * D;
+        each_entry(vf, v8, v4, vsc, vz, [&](int64_t j, const float* v, float vs, float vzero) {
+          for (int64_t r = 0; r < per_task; ++r) {
+            const float p = score[r * n + j];
+            const float pv = p * vs;
+            zsum[r] += p * vzero;  // int4: the zeros' share, added to every element at the end
+            float* out = corep + b * H * D + (h0 + r) * D;
 #pragma omp simd
-              for (int64_t i = 0; i < D; ++i) out[i] += pv * v[i];
-            }
+            for (int64_t i = 0; i < D; ++i) out[i] += pv * v[i];
           }
-        }
+        });
         for (int64_t r = 0; r < per_task; ++r) {
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum[r]) * qsum[r];
