@@ -48,6 +48,9 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--kv-cache-memory", type=_size, default=d.kv_cache_memory, metavar="SIZE",
                    help="KV cache pool, e.g. 2GiB (default: max-num-seqs x max-model-len tokens, at most 4GiB; "
                         "memory is committed as blocks are first used)")
+    p.add_argument("--kv-block-size", type=int, default=d.kv_block_size, metavar="TOKENS",
+                   help="tokens per KV-cache block (allocation unit; larger blocks decode long contexts faster and "
+                        "reserve up to one block per sequence unused)")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="request bodies larger than this get 413 before they are read (0: no limit)")
     p.add_argument("--no-verify", dest="verify", action="store_false",

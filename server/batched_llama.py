@@ -14,7 +14,7 @@ from torch import nn
 from mamp.kernels.llama_block import LlamaBlock, rms_norm
 from mamp.kernels.native_decode import native_decode_layer, why_not
 
-from .kv_cache import PagedKVCache
+from .kv_cache import BLOCK_SIZE, PagedKVCache
 
 
 def _rope_inv_freq(model: nn.Module, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -34,9 +34,9 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 class BatchedLlama:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, kv_cache_dtype: str = "auto",
-                 kv_cache_blocks: int | None = None):
+                 kv_cache_blocks: int | None = None, kv_block_size: int = BLOCK_SIZE):
         """kv_cache_dtype: auto (the compute dtype), int8 or int4; kv_cache_blocks: the pool's blocks of
-        kv_cache.BLOCK_SIZE tokens (None: enough for max_num_seqs sequences of max_model_len)."""
+        kv_block_size tokens (None: enough for max_num_seqs sequences of max_model_len)."""
         config = model.config
         if config.model_type not in SUPPORTED:
             raise ValueError(f"model_type {config.model_type!r} is not served; supported: {', '.join(SUPPORTED)}")
@@ -57,7 +57,8 @@ class BatchedLlama:
         self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim, fuse=True)
                        for layer in self.layers]
         self.cache = PagedKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
-                                  max_model_len, self.device, self.dtype, kv_cache_dtype, kv_cache_blocks)
+                                  max_model_len, self.device, self.dtype, kv_cache_dtype, kv_cache_blocks,
+                                  kv_block_size)
         # The decode step in native code, one call per layer, where every layer allows it (else None and the
         # Python stages serve; kernels/native_decode.py says when it applies).
         self.head_threads = 0  # threads for the lm_head call (0: as set); the engine sets it (server/engine.py)

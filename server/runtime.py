@@ -9,8 +9,8 @@ import torch
 
 from mamp.kernels import cpu_matmul
 
-from .batched_llama import BatchedLlama
 from . import kv_cache
+from .batched_llama import BatchedLlama
 from .config import DEFAULT_KV_CACHE_MEMORY, ServerConfig
 from .engine import Engine
 from .metrics import ServerMetrics
@@ -54,13 +54,14 @@ def kv_cache_blocks(config: ServerConfig, model, info: ModelInfo, max_len: int) 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     per_token = kv_cache.bytes_per_token(config.kv_cache_dtype, cfg.num_hidden_layers,
                                          getattr(cfg, "num_key_value_heads", None) or heads, head_dim, getattr(torch, info.dtype))
-    per_block = per_token * kv_cache.BLOCK_SIZE
-    need = -(-max_len // kv_cache.BLOCK_SIZE)  # one sequence of max_len
+    bs = config.kv_block_size
+    per_block = per_token * bs
+    need = -(-max_len // bs)  # one sequence of max_len
     if config.kv_cache_memory is None:
         return max(need, min(config.max_num_seqs * need, DEFAULT_KV_CACHE_MEMORY // per_block))
     blocks = config.kv_cache_memory // per_block
     if blocks < need:
-        raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} bytes holds {blocks * kv_cache.BLOCK_SIZE} "
+        raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} bytes holds {blocks * bs} "
                          f"tokens ({per_token} bytes each as {config.kv_cache_dtype}), fewer than one sequence of "
                          f"--max-model-len {max_len}: give at least {need * per_block} bytes or a smaller "
                          f"--max-model-len")
@@ -78,7 +79,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
                 info.weight_bytes / _MIB, info.weight_bf16_bytes / _MIB, 100 * info.saving_ratio,
                 "packed mamp checkpoint" if info.quantized else "float checkpoint", info.device, info.dtype)
     blocks = kv_cache_blocks(config, model, info, max_len)
-    runner = BatchedLlama(model, config.max_num_seqs, max_len, config.kv_cache_dtype, blocks)
+    runner = BatchedLlama(model, config.max_num_seqs, max_len, config.kv_cache_dtype, blocks, config.kv_block_size)
     cache = runner.cache
     logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.1f MiB (%.2fx the tokens of a 16-bit cache)",
                 config.kv_cache_dtype if config.kv_cache_dtype != "auto" else f"{cache.dtype} (auto)",

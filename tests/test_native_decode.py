@@ -31,9 +31,9 @@ def packed_dir(tmp_path_factory):
     return out
 
 
-def runner_for(packed_dir, slots: int = 6, max_len: int = 64, kind: str = "auto") -> BatchedLlama:
+def runner_for(packed_dir, slots: int = 6, max_len: int = 64, kind: str = "auto", block_size: int = 16) -> BatchedLlama:
     model, _ = load_checkpoint(packed_dir)
-    return BatchedLlama(model, slots, max_len, kv_cache_dtype=kind)
+    return BatchedLlama(model, slots, max_len, kv_cache_dtype=kind, kv_block_size=block_size)
 
 
 def python_layer(runner, i, h, rows, pos):
@@ -91,11 +91,11 @@ def test_native_layer_equals_the_python_stages(packed_dir, monkeypatch, activati
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind,block_size", [(k, 16) for k in KINDS] + [("int4", 5), ("auto", 1)])
 @torch.inference_mode()
-def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, kind):
+def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, kind, block_size):
     """Several steps of batched decode, native against the Python stages (fp32 activations: equal to rounding)."""
-    runner = runner_for(packed_dir, kind=kind)
+    runner = runner_for(packed_dir, kind=kind, block_size=block_size)
     native = runner.native
     assert native is not None
     prompts = {1: [5, 6, 7], 3: [9] * 15, 4: [3, 1, 4, 1, 5]}  # row 3 crosses a block boundary while decoding

@@ -25,9 +25,10 @@ PROMPTS = ["Once upon a time", "The cat", "Lily and Tom went", "One day", "She s
            "The girl liked", "Ben had a", "In the park", "The bird"]
 
 
-def run_engine(model, tok, prompts: list[str], blocks: int, rows: int = 4, max_tokens: int = 40, kind="auto"):
+def run_engine(model, tok, prompts: list[str], blocks: int, rows: int = 4, max_tokens: int = 40, kind="auto",
+               block_size: int = 16):
     """Greedy completions through a real Engine thread; returns (token ids per prompt, engine)."""
-    runner = BatchedLlama(model, rows, 128, kv_cache_dtype=kind, kv_cache_blocks=blocks)
+    runner = BatchedLlama(model, rows, 128, kv_cache_dtype=kind, kv_cache_blocks=blocks, kv_block_size=block_size)
     engine = Engine(runner, tok, rows, max_queue=64, max_prefill_tokens=8)
     done = threading.Semaphore(0)
     outs: list[list] = [[] for _ in prompts]
@@ -82,6 +83,16 @@ def test_prompts_wait_for_blocks_rather_than_fail(tiny):
     roomy, _ = run_engine(model, tok, prompts, blocks=16, rows=2, max_tokens=8)
     tight, engine = run_engine(model, tok, prompts, blocks=4, rows=2, max_tokens=8)
     assert tight == roomy and engine.num_preemptions == 0
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+def test_the_block_size_does_not_change_the_text(tiny, kind):
+    """Blocks of 16 or 64 tokens (1 and 5 as awkward extremes) hold the same entries: the same greedy tokens."""
+    model, tok = tiny
+    ref, _ = run_engine(model, tok, PROMPTS[:3], blocks=64, max_tokens=24, kind=kind)
+    for bs, blocks in ((64, 16), (1, 1024), (5, 200)):
+        out, engine = run_engine(model, tok, PROMPTS[:3], blocks=blocks, max_tokens=24, kind=kind, block_size=bs)
+        assert out == ref and engine.runner.cache.block_size == bs
 
 
 def test_int8_cache_decodes_close_to_the_float_cache(tiny):
