@@ -14,6 +14,8 @@ A variant is KEYS,VALUES, each one of:
     nf4      per token and head, NF4 levels with an absmax scale, after the rotation
     kivi16, kivi32, kivi64   per channel over blocks of 16 / 32 / 64 tokens (KIVI's keys), after the rotation;
              the partial last block is quantized as it stands (in serving it would wait in a residual buffer)
+    s-KIND   keys divided per channel by max|k|^alpha (statistics from --calib, the RoPE pairs sharing one
+             scale; queries would be multiplied by the same), then KIND, then multiplied back (SmoothAttention)
 
 Windows of --seqlen tokens from the start of WikiText-2's test split, every position's logits from one prefill
 that reads the (fake-quantized) cache for every key (BatchedLlama.prefill); perplexity relative to the first
@@ -69,7 +71,13 @@ def _kivi(x: torch.Tensor, t: int) -> torch.Tensor:
     return (torch.round((y - z) / s.clamp_min(1e-12)).clamp(0, 15) * s + z).reshape(b, h, -1, d)[:, :, :n]
 
 
-def fake_quant(x: torch.Tensor, how: str) -> torch.Tensor:
+SMOOTH: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel key scale (s- variants)
+
+
+def fake_quant(x: torch.Tensor, how: str, layer: int = 0) -> torch.Tensor:
+    if how.startswith("s-"):
+        lam = SMOOTH[layer][None, :, None, :]
+        return fake_quant(x / lam, how[2:]) * lam
     if how == "none":
         return x
     if how in ("int8", "asym64"):
@@ -93,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--text", default=str(REPO.parent / "shared/assets/wikitext-2-raw/test.txt"))
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--calib", default=str(REPO.parent / "shared/assets/wikitext-2-raw/valid.txt"))
+    p.add_argument("--alpha", type=float, default=0.5, help="s- variants: key channel scale max|k|^alpha")
     p.add_argument("--variants", nargs="+", default=["none,none", "int8,int8", "asym64,asym64"])
     args = p.parse_args(argv)
     model, tok, _ = load_any(args.checkpoint)
@@ -111,9 +121,24 @@ def main(argv=None) -> int:
 
     def fake_read(self, layer, rows, length):
         k, v = as_auto(read)(self, layer, rows, length)
-        return fake_quant(k, how["k"]), fake_quant(v, how["v"])
+        if how.get("record"):
+            m = k.abs().amax(dim=(0, 2))  # [KVH, D]
+            d = m.shape[-1] // 2
+            m = torch.maximum(m[:, :d], m[:, d:]).repeat(1, 2)  # RoPE pairs (i, i + D/2) share one scale
+            SMOOTH[layer] = torch.maximum(SMOOTH.get(layer, m), m)
+        return fake_quant(k, how["k"], layer), fake_quant(v, how["v"], layer)
 
     PagedKVCache.read, PagedKVCache._store = fake_read, as_auto(store)
+    if any(v.startswith("s-") or ",s-" in v for v in args.variants):
+        # per-channel key statistics from calibration text (not the scored windows): max |k| per layer, head, channel
+        how.update(k="none", v="none", record="1")
+        calib = tokenize_file(tok, args.calib)[:args.seqlen]
+        runner = BatchedLlama(model, 1, args.seqlen)
+        runner.cache.kind = "fake"
+        runner.prefill(0, calib.tolist(), all_logits=False)
+        del how["record"]
+        for layer, m in SMOOTH.items():
+            SMOOTH[layer] = m.clamp_min(1e-3).pow(args.alpha)
     first = None
     print("| keys | values | perplexity | vs first |\n|---|---|---|---|")
     for variant in args.variants:

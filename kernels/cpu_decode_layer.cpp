@@ -155,11 +155,11 @@ struct DecodeLayer : torch::CustomClassHolder {
                          L.hbits, L.gs, L.sgs, small_m, scratch);
   }
 
-  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [blocks, KVH, BS, D] fp32, or
-  // int8 codes [.., D] with fp16 scales k_scale, v_scale [blocks, KVH, BS], or int4 codes [.., D / 2] (uint8)
+  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32, or
+  // int8 codes [.., D] with fp16 scales k_scale, v_scale [KVH, blocks, BS], or int4 codes [.., D / 2] (uint8)
   // with fp16 scales and zeros (kernels/kv_quant.py); table [rows, max_blocks] int32 maps a row's block i to its
   // pool block; slots (rows), positions [B] int64; cos, sin [B, D] fp32. The new k, v are written (quantized)
-  // at (table[slots[b], p / BS], :, p % BS) for p = positions[b]. Returns the layer's output [B, hidden].
+  // at (:, table[slots[b], p / BS], p % BS) for p = positions[b]. Returns the layer's output [B, hidden].
   at::Tensor forward(const at::Tensor& h_in, const std::vector<at::Tensor>& cache, const at::Tensor& table_t,
                      const at::Tensor& slots_t, const at::Tensor& pos_t, const at::Tensor& cos_t,
                      const at::Tensor& sin_t) const {
@@ -177,13 +177,13 @@ struct DecodeLayer : torch::CustomClassHolder {
                 "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales and zeros");
     const int64_t CD = kind == 4 ? D / 2 : D;
     TORCH_CHECK(v_cache.scalar_type() == st && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                    k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == KVH &&
-                    k_cache.size(3) == CD, "caches: contiguous [blocks, ", KVH, ", block_size, ", CD, "]");
-    const int64_t NB = k_cache.size(0), BS = k_cache.size(2);
+                    k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == KVH &&
+                    k_cache.size(3) == CD, "caches: contiguous [", KVH, ", blocks, block_size, ", CD, "]");
+    const int64_t NB = k_cache.size(1), BS = k_cache.size(2);
     for (size_t j = 2; j < cache.size(); ++j) {
       TORCH_CHECK(cache[j].scalar_type() == at::kHalf && cache[j].is_contiguous() && cache[j].dim() == 3 &&
-                      cache[j].size(0) == NB && cache[j].size(1) == KVH && cache[j].size(2) == BS,
-                  "cache scales / zeros: contiguous fp16 [blocks, ", KVH, ", block_size]");
+                      cache[j].size(0) == KVH && cache[j].size(1) == NB && cache[j].size(2) == BS,
+                  "cache scales / zeros: contiguous fp16 [", KVH, ", blocks, block_size]");
     }
     TORCH_CHECK(table_t.dim() == 2 && table_t.scalar_type() == at::kInt && table_t.is_contiguous(),
                 "table: contiguous [rows, max_blocks] int32");
@@ -216,9 +216,9 @@ struct DecodeLayer : torch::CustomClassHolder {
     float* qkvp = qkv.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
     const float* sp = sn.data_ptr<float>();
-    // Entry (block, g, offset) of the pool: codes at entry * CD, its scale / zero at entry.
+    // Entry (g, block, offset) of the pool: codes at entry * CD, its scale / zero at entry.
     auto entry = [&](int64_t b, int64_t g, int64_t p) -> int64_t {
-      return (int64_t(table[sl[b] * max_blocks + p / BS]) * KVH + g) * BS + p % BS;
+      return (g * NB + int64_t(table[sl[b] * max_blocks + p / BS])) * BS + p % BS;
     };
     std::vector<float> rot(D);
     for (int64_t b = 0; b < B; ++b) {
@@ -303,7 +303,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         auto each_entry = [&](const float* f, const int8_t* c8, const uint8_t* c4, const at::Half* sc,
                               const at::Half* zr, auto&& fn) {
           for (int64_t j0 = 0; j0 < n; j0 += BS) {
-            const int64_t e0 = (int64_t(trow[j0 / BS]) * KVH + g) * BS, cnt = std::min(BS, n - j0);
+            const int64_t e0 = (g * NB + int64_t(trow[j0 / BS])) * BS, cnt = std::min(BS, n - j0);
             for (int64_t o = 0; o < cnt; ++o) {
               const int64_t e = e0 + o;
               if (!f) codes(c8, c4, e, buf.data());

@@ -7,8 +7,10 @@ stored as the model's dtype or quantized to int8 / int4 (kernels/kv_quant.py).
     keys, values = cache.read(layer, rows, length)  # dense, dequantized (the Python path; native code reads in place)
     cache.release(row)            # its blocks go back to the pool
 
-Per layer the pool is k, v [num_blocks, kv_heads, block_size, head_dim] (int4: head_dim / 2 bytes of two codes),
-with per token and head fp16 scales (int8, int4) and zeros (int4) [num_blocks, kv_heads, block_size]. `tables`
+Per layer the pool is k, v [kv_heads, num_blocks, block_size, head_dim] (int4: head_dim / 2 bytes of two codes),
+with per token and head fp16 scales (int8, int4) and zeros (int4) [kv_heads, num_blocks, block_size]. Head-major,
+so that a sequence whose blocks are consecutive reads each head's entries as one stream (blocks are handed out
+lowest first, so a prompt's blocks usually are). `tables`
 [rows, max_blocks] int32 maps a row's i-th block of block_size positions to its pool block. The pool is
 allocated once and left uninitialised: the OS commits its pages when blocks are first written, and blocks are
 handed out lowest first, so resident memory follows the most tokens live at once, not rows x max_len.
@@ -86,7 +88,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.tables = torch.zeros(num_rows, self.max_blocks, dtype=torch.int32, device=device)
         self._row_blocks: list[list[int]] = [[] for _ in range(num_rows)]
-        shape = (num_blocks, num_kv_heads, block_size)
+        shape = (num_kv_heads, num_blocks, block_size)  # head-major: a head's consecutive blocks are adjacent
         store = dtype if kind == "auto" else kv_quant.STORAGE[kind]
         cd = kv_quant.code_dim(kind, head_dim)
         self.k = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
@@ -150,18 +152,18 @@ class PagedKVCache:
         return [self.k[layer], self.v[layer], *self.meta[layer]]
 
     def _store(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k, v [N, kv_heads, head_dim] to (blocks[n], :, offsets[n])."""
+        """k, v [N, kv_heads, head_dim] to (:, blocks[n], offsets[n])."""
         if self.kind == "auto":
-            self.k[layer][blocks, :, offsets] = k.to(self.dtype)
-            self.v[layer][blocks, :, offsets] = v.to(self.dtype)
+            self.k[layer][:, blocks, offsets] = k.transpose(0, 1).to(self.dtype)
+            self.v[layer][:, blocks, offsets] = v.transpose(0, 1).to(self.dtype)
             return
         meta = self.meta[layer]
         for j, (pool, x) in enumerate(((self.k[layer], k), (self.v[layer], v))):
             codes, scale, zero = kv_quant.quantize(x, self.kind)
-            pool[blocks, :, offsets] = codes
-            meta[j][blocks, :, offsets] = scale
+            pool[:, blocks, offsets] = codes.transpose(0, 1)
+            meta[j][:, blocks, offsets] = scale.transpose(0, 1)
             if zero is not None:
-                meta[2 + j][blocks, :, offsets] = zero
+                meta[2 + j][:, blocks, offsets] = zero.transpose(0, 1)
 
     def write(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [kv_heads, T, head_dim]: positions start .. start + T - 1 of `row` (blocks already ensured)."""
@@ -182,8 +184,8 @@ class PagedKVCache:
         idx = self.tables[rows, :nb].long()  # [B, nb]
         b = idx.shape[0]
 
-        def dense(t: torch.Tensor) -> torch.Tensor:  # [NB, KVH, BS, ...] -> [B, KVH, nb * BS, ...]
-            g = t[idx].transpose(1, 2)
+        def dense(t: torch.Tensor) -> torch.Tensor:  # [KVH, NB, BS, ...] -> [B, KVH, nb * BS, ...]
+            g = t[:, idx].transpose(0, 1)
             return g.reshape(b, self.num_kv_heads, nb * self.block_size, *t.shape[3:])[:, :, :length]
 
         if self.kind == "auto":
