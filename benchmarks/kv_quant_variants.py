@@ -10,12 +10,19 @@ A variant is KEYS,VALUES, each one of:
     int8-nr  the same without the rotation
     asym64   the served int4 (per token and head, asymmetric, after the rotation); asym32: groups of 32
     asym64-nr  the served int4 without the rotation
+    mse64    asym64 with the range shrunk by the ratio of least squared error (1 .. 0.75), per token
     sym4     per token and head, symmetric, codes -7 .. 7, after the rotation (one fp16 scale: 34 bytes)
     nf4      per token and head, NF4 levels with an absmax scale, after the rotation
     kivi16, kivi32, kivi64   per channel over blocks of 16 / 32 / 64 tokens (KIVI's keys), after the rotation;
              the partial last block is quantized as it stands (in serving it would wait in a residual buffer)
     s-KIND   keys divided per channel by max|k|^alpha (statistics from --calib, the RoPE pairs sharing one
              scale; queries would be multiplied by the same), then KIND, then multiplied back (SmoothAttention)
+    c-KIND   keys minus their per-channel mean over the --calib window but its first position (per layer and head),
+             then KIND: a constant
+             shift of every key changes no softmax, so serving would not even add it back
+    p-KIND   keys minus their mean before RoPE rotated to each position (R(p) mu), then KIND, added back
+    q-KIND   c- with the mean of the sequence's own positions 1 .. 63 (no calibration)
+    r-KIND   p- with the mean of the sequence's own positions 1 .. 63 (no calibration)
 
 Windows of --seqlen tokens from the start of WikiText-2's test split, every position's logits from one prefill
 that reads the (fake-quantized) cache for every key (BatchedLlama.prefill); perplexity relative to the first
@@ -48,6 +55,23 @@ def _groups4(x: torch.Tensor, g: int) -> torch.Tensor:
     return (torch.round((y - z) / s.clamp_min(1e-12)).clamp(0, 15) * s + z).reshape(x.shape)
 
 
+def _mse4(x: torch.Tensor) -> torch.Tensor:
+    """Per-token asymmetric 4-bit over the whole last dim, the range shrunk about its middle by the ratio (of
+    1, 0.95, .. 0.75) that gives the least squared error; fp16 scale and zero."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    best, err = x, None
+    for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75):
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * r
+        s, z = (2 * half / 15).half().float(), (mid - half).half().float()
+        y = torch.round((x - z) / s.clamp_min(1e-12)).clamp(0, 15) * s + z
+        e = (y - x).square().sum(-1, keepdim=True)
+        if err is None:
+            best, err = y, e
+        else:
+            best, err = torch.where(e < err, y, best), torch.minimum(e, err)
+    return best
+
+
 def _sym4(x: torch.Tensor) -> torch.Tensor:
     a = (x.abs().amax(-1, keepdim=True) / 7).half().float()
     return torch.round(x / a.clamp_min(1e-12)).clamp(-7, 7) * a
@@ -72,9 +96,36 @@ def _kivi(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 SMOOTH: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel key scale (s- variants)
+MEAN: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel key mean (c- variants)
+PRE: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel mean of the keys before RoPE (p- variants)
+ROPE: dict[str, object] = {}  # "fn": positions -> (cos, sin) [L, D]
+SINK = {"n": 0}  # --sink: the first n positions' keys and values not quantized
+
+
+def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
 
 
 def fake_quant(x: torch.Tensor, how: str, layer: int = 0) -> torch.Tensor:
+    if SINK["n"] and x.shape[2] > SINK["n"]:
+        n = SINK["n"]
+        SINK["n"] = 0
+        try:
+            return torch.cat([x[:, :, :n], fake_quant(x[:, :, n:], how, layer)], 2)
+        finally:
+            SINK["n"] = n
+    if how.startswith(("p-", "r-")):  # the pre-RoPE mean, rotated to each position, subtracted and added back
+        cos, sin = ROPE["fn"](torch.arange(x.shape[2]))
+        if how[0] == "p":
+            mu = PRE[layer][None, :, None, :]
+        else:  # the sequence's own first 64 positions but the first
+            mu = _rot(x[:, :, 1:64], cos[:, 1:64], -sin[:, 1:64]).mean(2, keepdim=True)
+        mu = _rot(mu, cos, sin)
+        return fake_quant(x - mu, how[2:]) + mu
+    if how.startswith(("c-", "q-")):
+        mu = MEAN[layer][None, :, None, :] if how[0] == "c" else x[:, :, 1:64].mean(2, keepdim=True)
+        return fake_quant(x - mu, how[2:]) + mu
     if how.startswith("s-"):
         lam = SMOOTH[layer][None, :, None, :]
         return fake_quant(x / lam, how[2:]) * lam
@@ -88,7 +139,7 @@ def fake_quant(x: torch.Tensor, how: str, layer: int = 0) -> torch.Tensor:
         return torch.round(x / a.clamp_min(1e-12)).clamp(-127, 127) * a
     if how == "asym64-nr":
         return _groups4(x, x.shape[-1])
-    inner = {"asym32": lambda t: _groups4(t, 32), "sym4": _sym4, "nf4": _nf4, "kivi16": lambda t: _kivi(t, 16),
+    inner = {"asym32": lambda t: _groups4(t, 32), "mse64": _mse4, "sym4": _sym4, "nf4": _nf4, "kivi16": lambda t: _kivi(t, 16),
              "kivi32": lambda t: _kivi(t, 32), "kivi64": lambda t: _kivi(t, 64)}
     if how not in inner:
         raise SystemExit(f"error: unknown variant {how!r}")
@@ -101,8 +152,9 @@ def main(argv=None) -> int:
     p.add_argument("--text", default=str(REPO.parent / "shared/assets/wikitext-2-raw/test.txt"))
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=3)
-    p.add_argument("--calib", default=str(REPO.parent / "shared/assets/wikitext-2-raw/valid.txt"))
+    p.add_argument("--calib", default=str(REPO.parent / "shared/assets/wikitext-2/valid.txt"))
     p.add_argument("--alpha", type=float, default=0.5, help="s- variants: key channel scale max|k|^alpha")
+    p.add_argument("--sink", type=int, default=0, help="the first N positions not quantized")
     p.add_argument("--variants", nargs="+", default=["none,none", "int8,int8", "asym64,asym64"])
     args = p.parse_args(argv)
     model, tok, _ = load_any(args.checkpoint)
@@ -126,10 +178,15 @@ def main(argv=None) -> int:
             d = m.shape[-1] // 2
             m = torch.maximum(m[:, :d], m[:, d:]).repeat(1, 2)  # RoPE pairs (i, i + D/2) share one scale
             SMOOTH[layer] = torch.maximum(SMOOTH.get(layer, m), m)
+            MEAN[layer] = k[:, :, 1:].mean(dim=(0, 2))  # not the first position (an outlier, the attention sink)
+            cos, sin = ROPE["fn"](torch.arange(k.shape[2]))
+            PRE[layer] = _rot(k, cos, -sin).mean(dim=(0, 2))  # R(-p) undoes RoPE
         return fake_quant(k, how["k"], layer), fake_quant(v, how["v"], layer)
 
     PagedKVCache.read, PagedKVCache._store = fake_read, as_auto(store)
-    if any(v.startswith("s-") or ",s-" in v for v in args.variants):
+    SINK["n"] = args.sink
+    ROPE["fn"] = lambda pos: tuple(t[0] for t in BatchedLlama(model, 1, 16)._rope(pos[None]))
+    if any(v[:2] in ("s-", "c-", "p-") or ",s-" in v or ",c-" in v or ",p-" in v for v in args.variants):
         # per-channel key statistics from calibration text (not the scored windows): max |k| per layer, head, channel
         how.update(k="none", v="none", record="1")
         calib = tokenize_file(tok, args.calib)[:args.seqlen]

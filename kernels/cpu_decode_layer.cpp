@@ -4,7 +4,8 @@
 //
 //     x    = rms_norm(h) * w_in                      (fp32, HF's formula)
 //     q,k,v= fused qkv (packed kernel), RoPE with the caller's cos/sin (rotate-half convention)
-//     cache[block(pos), kvh, pos % BS] = k, v          (the paged cache; int8/int4: rotated, quantized on write)
+//     cache[kvh, block(pos), pos % BS] = k, v          (the paged cache; int8/int4: rotated, quantized on write;
+//                                                     int4 keys less R(pos) mu, the row's key center)
 //     core = softmax(q K^T / sqrt(D)) V              over positions 0 .. pos of the sequence, its blocks read in place
 //     mid  = h + o_proj(core)
 //     out  = mid + down(silu(gate) * up)             gate/up one fused packed call, on rms_norm(mid) * w_post
@@ -157,7 +158,8 @@ struct DecodeLayer : torch::CustomClassHolder {
 
   // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32, or
   // int8 codes [.., D] with fp16 scales k_scale, v_scale [KVH, blocks, BS], or int4 codes [.., D / 2] (uint8)
-  // with fp16 scales and zeros (kernels/kv_quant.py); table [rows, max_blocks] int32 maps a row's block i to its
+  // with fp16 scales and zeros, then the key centers mu [rows, KVH, D] fp32 and the RoPE tables cos, sin
+  // [positions, D] fp32 (kernels/kv_quant.py: an int4 key is stored as k - R(p) mu); table [rows, max_blocks] int32 maps a row's block i to its
   // pool block; slots (rows), positions [B] int64; cos, sin [B, D] fp32. The new k, v are written (quantized)
   // at (:, table[slots[b], p / BS], p % BS) for p = positions[b]. Returns the layer's output [B, hidden].
   at::Tensor forward(const at::Tensor& h_in, const std::vector<at::Tensor>& cache, const at::Tensor& table_t,
@@ -168,19 +170,20 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t B = h.size(0), hidden = h.size(1);
     TORCH_CHECK(w_in.numel() == hidden && w_post.numel() == hidden, "h: ", hidden, " features, norms ",
                 w_in.numel());
-    TORCH_CHECK(cache.size() == 2 || cache.size() == 4 || cache.size() == 6, "cache: 2, 4 or 6 tensors");
+    TORCH_CHECK(cache.size() == 2 || cache.size() == 4 || cache.size() == 9, "cache: 2, 4 or 9 tensors");
     const at::Tensor& k_cache = cache[0];
     const at::Tensor& v_cache = cache[1];
     const auto st = k_cache.scalar_type();
     const int kind = st == at::kFloat ? 0 : st == at::kChar ? 8 : st == at::kByte ? 4 : -1;
-    TORCH_CHECK(kind >= 0 && size_t(kind == 0 ? 2 : kind == 8 ? 4 : 6) == cache.size(),
-                "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales and zeros");
+    TORCH_CHECK(kind >= 0 && size_t(kind == 0 ? 2 : kind == 8 ? 4 : 9) == cache.size(),
+                "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales, zeros, key centers "
+                "and RoPE tables");
     const int64_t CD = kind == 4 ? D / 2 : D;
     TORCH_CHECK(v_cache.scalar_type() == st && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                     k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == KVH &&
                     k_cache.size(3) == CD, "caches: contiguous [", KVH, ", blocks, block_size, ", CD, "]");
     const int64_t NB = k_cache.size(1), BS = k_cache.size(2);
-    for (size_t j = 2; j < cache.size(); ++j) {
+    for (size_t j = 2; j < std::min<size_t>(cache.size(), 6); ++j) {
       TORCH_CHECK(cache[j].scalar_type() == at::kHalf && cache[j].is_contiguous() && cache[j].dim() == 3 &&
                       cache[j].size(0) == KVH && cache[j].size(1) == NB && cache[j].size(2) == BS,
                   "cache scales / zeros: contiguous fp16 [", KVH, ", blocks, block_size]");
@@ -197,6 +200,30 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t* ps = pos.data_ptr<int64_t>();
     const int32_t* table = table_t.data_ptr<int32_t>();
     const int64_t rows = table_t.size(0), max_blocks = table_t.size(1);
+    // int4: the key centers and the RoPE tables they rotate by.
+    const float* mu = nullptr;
+    const float* ctab = nullptr;
+    const float* stab = nullptr;
+    if (kind == 4) {
+      const at::Tensor &m = cache[6], &ct = cache[7], &st8 = cache[8];
+      TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 3 && m.size(0) == rows &&
+                      m.size(1) == KVH && m.size(2) == D, "key centers: contiguous fp32 [", rows, ", ", KVH, ", ", D,
+                  "]");
+      TORCH_CHECK(ct.scalar_type() == at::kFloat && st8.scalar_type() == at::kFloat && ct.is_contiguous() &&
+                      st8.is_contiguous() && ct.dim() == 2 && ct.sizes() == st8.sizes() && ct.size(1) == D,
+                  "rope tables: contiguous fp32 [positions, ", D, "]");
+      for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(ps[b] < ct.size(0), "position ", ps[b], " beyond the rope tables' ", ct.size(0));
+      }
+      mu = m.data_ptr<float>(), ctab = ct.data_ptr<float>(), stab = st8.data_ptr<float>();
+    }
+    // R(p) mu of row r, KV head g, element i: mu * cos + rotate_half(mu) * sin, as kernels/kv_quant.rope_rotate.
+    const int64_t hd = D / 2;
+    auto key_offset = [&](int64_t r, int64_t g, int64_t p, int64_t i) -> float {
+      const float* m = mu + (r * KVH + g) * D;
+      const float rh = i < hd ? -m[i + hd] : m[i - hd];
+      return m[i] * ctab[p * D + i] + rh * stab[p * D + i];
+    };
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(sl[b] >= 0 && sl[b] < rows && ps[b] >= 0 && ps[b] < max_blocks * BS, "row ", sl[b],
                   " position ", ps[b], " outside the block table [", rows, " rows, ", max_blocks * BS,
@@ -235,6 +262,9 @@ struct DecodeLayer : torch::CustomClassHolder {
             continue;
           }
           for (int64_t i = 0; i < D; ++i) rot[i] = src[i];
+          if (kind == 4 && kv == 0) {
+            for (int64_t i = 0; i < D; ++i) rot[i] = src[i] - key_offset(sl[b], g, ps[b], i);
+          }
           rotate(rot.data(), D);
           if (kind == 8) {
             store_int8(rot.data(), D, pool.data_ptr<int8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e);
@@ -283,7 +313,7 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t per_task = B * KVH >= 2 * at::get_num_threads() ? group : 1;
     const int64_t tasks_per_kv = group / per_task;
     at::parallel_for(0, B * KVH * tasks_per_kv, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), buf(D);
+      std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), buf(D), ab(per_task * D);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
@@ -292,6 +322,14 @@ struct DecodeLayer : torch::CustomClassHolder {
           const float* q = qkvp + b * qkv_w + (h0 + r) * D;
           float* qr = qs.data() + r * D;
           for (int64_t i = 0; i < D; ++i) qr[i] = q[i];
+          if (kind == 4) {  // q . R(p) mu = sum_i<D/2 cos_p,i A_i + sin_p,i B_i (the tables repeat in both halves)
+            const float* m = mu + (sl[b] * KVH + g) * D;
+            float* a = ab.data() + r * D;
+            for (int64_t i = 0; i < hd; ++i) {
+              a[i] = q[i] * m[i] + q[i + hd] * m[i + hd];
+              a[hd + i] = q[i + hd] * m[i] - q[i] * m[i + hd];
+            }
+          }
           if (kind) rotate(qr, D);
           float sum = 0.f;
           for (int64_t i = 0; i < D; ++i) sum += qr[i];
@@ -318,7 +356,15 @@ struct DecodeLayer : torch::CustomClassHolder {
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
-            score[r * n + j] = (dot * ks + qsum[r] * kzero) * scale;
+            float center = 0.f;
+            if (kind == 4) {
+              const float* a = ab.data() + r * D;
+              const float* c = ctab + j * D;
+              const float* s = stab + j * D;
+#pragma omp simd reduction(+ : center)
+              for (int64_t i = 0; i < hd; ++i) center += c[i] * a[i] + s[i] * a[hd + i];
+            }
+            score[r * n + j] = (dot * ks + qsum[r] * kzero + center) * scale;
           }
         });
         for (int64_t r = 0; r < per_task; ++r) {  // softmax of each head's scores, unnormalised

@@ -56,9 +56,10 @@ class BatchedLlama:
         self.inv_freq = inv_freq.to(self.device)
         self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim, fuse=True)
                        for layer in self.layers]
+        cos, sin = self._rope(torch.arange(max_model_len, device=self.device)[None])  # int4's key centering
         self.cache = PagedKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
                                   max_model_len, self.device, self.dtype, kv_cache_dtype, kv_cache_blocks,
-                                  kv_block_size)
+                                  kv_block_size, rope=(cos, sin) if kv_cache_dtype == "int4" else None)
         # The decode step in native code, one call per layer, where every layer allows it (else None and the
         # Python stages serve; kernels/native_decode.py says when it applies).
         self.head_threads = 0  # threads for the lm_head call (0: as set); the engine sets it (server/engine.py)

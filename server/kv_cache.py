@@ -14,6 +14,11 @@ lowest first, so a prompt's blocks usually are). `tables`
 [rows, max_blocks] int32 maps a row's i-th block of block_size positions to its pool block. The pool is
 allocated once and left uninitialised: the OS commits its pages when blocks are first written, and blocks are
 handed out lowest first, so resident memory follows the most tokens live at once, not rows x max_len.
+
+int4 keys are stored centered (kernels/kv_quant.py): each row has a per-layer key mean `centers[layer][row]`
+[kv_heads, head_dim] fp32, set from its first chunk (write at start 0), and the key at position p is stored as
+k - R(p) mu with R(p) from the RoPE tables `rope` (cos, sin [max_len, head_dim]; the identity without them);
+read adds R(p) mu back.
 """
 from __future__ import annotations
 
@@ -76,7 +81,7 @@ def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int
 class PagedKVCache:
     def __init__(self, num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int, max_len: int,
                  device: torch.device, dtype: torch.dtype, kind: str = "auto", num_blocks: int | None = None,
-                 block_size: int = BLOCK_SIZE):
+                 block_size: int = BLOCK_SIZE, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         if kind not in KINDS:
             raise ValueError(f"kv cache dtype must be one of {', '.join(KINDS)}, got {kind!r}")
         self.num_layers, self.num_rows, self.max_len = num_layers, num_rows, max_len
@@ -96,6 +101,18 @@ class PagedKVCache:
         n_meta = {"auto": 0, "int8": 1, "int4": 2}[kind]  # scales, then zeros
         self.meta = [[torch.empty(shape, device=device, dtype=torch.float16) for _ in range(2 * n_meta)]
                      for _ in range(num_layers)]  # per layer: k_scale, v_scale[, k_zero, v_zero]
+        self.centers: list[torch.Tensor] = []
+        if kind == "int4":  # per row and layer, the key mean (kernels/kv_quant.py) and the RoPE tables it rotates by
+            self.centers = [torch.zeros(num_rows, num_kv_heads, head_dim, device=device) for _ in range(num_layers)]
+            if rope is None:
+                rope = (torch.ones(max_len, head_dim, device=device), torch.zeros(max_len, head_dim, device=device))
+            cos, sin = (t.float().reshape(-1, head_dim).contiguous() for t in rope)
+            if cos.shape[0] < max_len or sin.shape != cos.shape:
+                raise ValueError(f"rope tables {tuple(cos.shape)}, {tuple(sin.shape)} do not cover {max_len} positions")
+            h = head_dim // 2
+            if not (torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:])):
+                raise ValueError("rope tables must repeat one frequency per pair (i, i + head_dim / 2)")
+            self.rope_cos, self.rope_sin = cos, sin
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -148,8 +165,16 @@ class PagedKVCache:
 
     # ---- the reference reads and writes (native code does the same in place) ------------------------------
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        """k, v[, k_scale, v_scale[, k_zero, v_zero]]: what the native decode layer reads and writes."""
-        return [self.k[layer], self.v[layer], *self.meta[layer]]
+        """k, v[, k_scale, v_scale[, k_zero, v_zero, key centers, rope cos, rope sin]]: what the native decode layer
+        reads and writes."""
+        extra = [self.centers[layer], self.rope_cos, self.rope_sin] if self.centers else []
+        return [self.k[layer], self.v[layer], *self.meta[layer], *extra]
+
+    def _key_offsets(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """R(p) mu of rows[b] at positions [b, t]: [B, kv_heads, T, head_dim] fp32 (int4's centered keys)."""
+        mu = self.centers[layer][rows][:, :, None]  # [B, KVH, 1, D]
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, D]
+        return kv_quant.rope_rotate(mu, cos, sin)
 
     def _store(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [N, kv_heads, head_dim] to (:, blocks[n], offsets[n])."""
@@ -168,12 +193,20 @@ class PagedKVCache:
     def write(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [kv_heads, T, head_dim]: positions start .. start + T - 1 of `row` (blocks already ensured)."""
         pos = torch.arange(start, start + k.shape[1], device=self.device)
+        if self.centers:
+            if start == 0:
+                t = k.shape[1]
+                self.centers[layer][row] = kv_quant.key_center(k, self.rope_cos[:t], self.rope_sin[:t])
+            rows = torch.tensor([row], device=self.device)
+            k = (k.float() - self._key_offsets(layer, rows, pos[None])[0]).to(k.dtype)
         blocks = self.tables[row, pos // self.block_size].long()
         self._store(layer, blocks, pos % self.block_size, k.transpose(0, 1), v.transpose(0, 1))
 
     def write_tokens(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor) -> None:
         """One token per row: k, v [B, kv_heads, head_dim] at positions[b] of rows[b]."""
+        if self.centers:
+            k = (k.float() - self._key_offsets(layer, rows, positions[:, None])[:, :, 0]).to(k.dtype)
         blocks = self.tables[rows, positions // self.block_size].long()
         self._store(layer, blocks, positions % self.block_size, k, v)
 
@@ -192,5 +225,7 @@ class PagedKVCache:
             return dense(self.k[layer]), dense(self.v[layer])
         meta = [dense(m) for m in self.meta[layer]]
         zk, zv = (meta[2], meta[3]) if self.kind == "int4" else (None, None)
-        return (kv_quant.dequantize(dense(self.k[layer]), meta[0], zk, self.kind, self.dtype),
-                kv_quant.dequantize(dense(self.v[layer]), meta[1], zv, self.kind, self.dtype))
+        keys = kv_quant.dequantize(dense(self.k[layer]), meta[0], zk, self.kind)
+        if self.centers:
+            keys = keys + self._key_offsets(layer, rows, torch.arange(length, device=self.device)[None])
+        return keys.to(self.dtype), kv_quant.dequantize(dense(self.v[layer]), meta[1], zv, self.kind, self.dtype)

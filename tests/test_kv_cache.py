@@ -113,8 +113,9 @@ def test_paged_reads_match_a_dense_reference(kind):
     reads of any set of rows equal the dense reference (quantized: its quantize-dequantize)."""
     g = torch.Generator().manual_seed(2)
     kvh, d = 2, 8
+    cos, sin = rope_tables(80, d)
     cache = PagedKVCache(2, 4, kvh, d, max_len=80, device=torch.device("cpu"), dtype=torch.float32, kind=kind,
-                         num_blocks=24, block_size=16)
+                         num_blocks=24, block_size=16, rope=(cos, sin))
     lengths = {0: 0, 1: 0, 3: 0}
     dense = {r: torch.zeros(2, 2, kvh, 80, d) for r in lengths}  # [layer, k/v, kvh, pos, d]
     for chunk in (5, 16, 1, 1, 13, 20, 1):  # the rows grow in turns, so their blocks interleave
@@ -138,10 +139,52 @@ def test_paged_reads_match_a_dense_reference(kind):
             for i, r in enumerate(rows):
                 n = lengths[r]
                 ref_k, ref_v = dense[r][layer, 0, :, :n], dense[r][layer, 1, :, :n]
-                if kind != "auto":
+                if kind == "int4":  # keys centered on the row's first chunk (5 positions), R(p) mu added back
+                    mu = kv_quant.key_center(ref_k[:, :5], cos[:5], sin[:5])
+                    off = kv_quant.rope_rotate(mu[:, None], cos[:n], sin[:n])
+                    assert torch.equal(cache.centers[layer][r], mu)
+                    ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k - off, kind), kind) + off
+                elif kind != "auto":
                     ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k, kind), kind)
+                if kind != "auto":
                     ref_v = kv_quant.dequantize(*kv_quant.quantize(ref_v, kind), kind)
                 assert torch.equal(keys[i, :, :n], ref_k) and torch.equal(values[i, :, :n], ref_v)
+
+
+def rope_tables(n: int, d: int, theta: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF-style RoPE tables [n, d]: one frequency per pair (i, i + d/2)."""
+    freqs = torch.arange(n).float()[:, None] * theta ** (-torch.arange(0, d, 2).float() / d)
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos(), emb.sin()
+
+
+def test_int4_key_centering_removes_a_rotating_offset():
+    """Keys with a large per-channel offset before RoPE (as real models' keys have), rotated by their positions:
+    centered int4 reads them back far closer than int4 of the raw keys, and the mean is taken without the first
+    position (the attention sink)."""
+    g = torch.Generator().manual_seed(3)
+    kvh, d, n = 2, 16, 48
+    cos, sin = rope_tables(64, d)
+    offset = torch.randn(kvh, 1, d, generator=g) * 8
+    pre = offset + torch.randn(kvh, n, d, generator=g)
+    pre[:, 0] = 50  # a sink at position 0, kept out of the mean
+    k = kv_quant.rope_rotate(pre, cos[:n], sin[:n])
+    cache = PagedKVCache(1, 1, kvh, d, max_len=64, device=torch.device("cpu"), dtype=torch.float32, kind="int4",
+                         num_blocks=4, block_size=16, rope=(cos, sin))
+    cache.ensure(0, n)
+    cache.write(0, 0, 0, k, k)
+    torch.testing.assert_close(cache.centers[0][0], pre[:, 1:].mean(1), rtol=0, atol=1e-5)
+    keys, _ = cache.read(0, torch.tensor([0]), n)
+    err_centered = (keys[0, :, 1:] - k[:, 1:]).square().mean()
+    err_plain = (kv_quant.dequantize(*kv_quant.quantize(k, "int4"), "int4")[:, 1:] - k[:, 1:]).square().mean()
+    assert err_centered < err_plain / 10, (float(err_centered), float(err_plain))
+
+
+def test_rope_tables_must_pair_the_halves():
+    cos, sin = rope_tables(32, 8)
+    with pytest.raises(ValueError, match="pair"):
+        PagedKVCache(1, 1, 1, 8, max_len=32, device=torch.device("cpu"), dtype=torch.float32, kind="int4",
+                     num_blocks=2, rope=(cos, torch.rand(32, 8)))
 
 
 def test_usage_and_capacity_bytes():
