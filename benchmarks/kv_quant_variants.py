@@ -22,7 +22,8 @@ A variant is KEYS,VALUES, each one of:
              shift of every key changes no softmax, so serving would not even add it back
     p-KIND   keys minus their mean before RoPE rotated to each position (R(p) mu), then KIND, added back
     q-KIND   c- with the mean of the sequence's own positions 1 .. 63 (no calibration)
-    r-KIND   p- with the mean of the sequence's own positions 1 .. 63 (no calibration)
+    r-KIND   p- with the mean of the sequence's own positions 1 .. 63 (no calibration): the served int4 keys
+             (kernels/kv_quant.key_center), --center-pairs of them
 
 Windows of --seqlen tokens from the start of WikiText-2's test split, every position's logits from one prefill
 that reads the (fake-quantized) cache for every key (BatchedLlama.prefill); perplexity relative to the first
@@ -99,7 +100,18 @@ SMOOTH: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel key scale 
 MEAN: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel key mean (c- variants)
 PRE: dict[int, torch.Tensor] = {}  # layer -> [KVH, D] per-channel mean of the keys before RoPE (p- variants)
 ROPE: dict[str, object] = {}  # "fn": positions -> (cos, sin) [L, D]
-SINK = {"n": 0}  # --sink: the first n positions' keys and values not quantized
+SINK = {"n": 0}
+PAIRS = {"n": None}  # --center-pairs  # --sink: the first n positions' keys and values not quantized
+
+
+def _top_pairs(mu: torch.Tensor) -> torch.Tensor:
+    """mu [KVH, D] with all but the --center-pairs RoPE pairs (i, i + D/2) of largest norm zeroed, per head."""
+    h = mu.shape[-1] // 2
+    if PAIRS["n"] is None or PAIRS["n"] >= h:
+        return mu
+    norm = mu[:, :h].square() + mu[:, h:].square()
+    keep = torch.zeros_like(norm, dtype=torch.bool).scatter_(1, norm.topk(PAIRS["n"], dim=1).indices, True)
+    return mu * keep.repeat(1, 2)
 
 
 def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,10 +130,10 @@ def fake_quant(x: torch.Tensor, how: str, layer: int = 0) -> torch.Tensor:
     if how.startswith(("p-", "r-")):  # the pre-RoPE mean, rotated to each position, subtracted and added back
         cos, sin = ROPE["fn"](torch.arange(x.shape[2]))
         if how[0] == "p":
-            mu = PRE[layer][None, :, None, :]
-        else:  # the sequence's own first 64 positions but the first
-            mu = _rot(x[:, :, 1:64], cos[:, 1:64], -sin[:, 1:64]).mean(2, keepdim=True)
-        mu = _rot(mu, cos, sin)
+            mu = _rot(PRE[layer][None, :, None, :], cos, sin)
+        else:  # the served centering: the sequence's own first positions but the first (kernels/kv_quant.py)
+            mu = torch.stack([kv_quant.rope_rotate(_top_pairs(kv_quant.key_center(xb, cos[0], sin[0]))[:, None],
+                                                   cos[0], sin[0]) for xb in x])
         return fake_quant(x - mu, how[2:]) + mu
     if how.startswith(("c-", "q-")):
         mu = MEAN[layer][None, :, None, :] if how[0] == "c" else x[:, :, 1:64].mean(2, keepdim=True)
@@ -154,6 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--calib", default=str(REPO.parent / "shared/assets/wikitext-2/valid.txt"))
     p.add_argument("--alpha", type=float, default=0.5, help="s- variants: key channel scale max|k|^alpha")
+    p.add_argument("--center-pairs", type=int, default=None, help="r-: center only the N RoPE pairs of largest mean (default: all, as served)")
     p.add_argument("--sink", type=int, default=0, help="the first N positions not quantized")
     p.add_argument("--variants", nargs="+", default=["none,none", "int8,int8", "asym64,asym64"])
     args = p.parse_args(argv)
@@ -185,6 +198,7 @@ def main(argv=None) -> int:
 
     PagedKVCache.read, PagedKVCache._store = fake_read, as_auto(store)
     SINK["n"] = args.sink
+    PAIRS["n"] = args.center_pairs
     ROPE["fn"] = lambda pos: tuple(t[0] for t in BatchedLlama(model, 1, 16)._rope(pos[None]))
     if any(v[:2] in ("s-", "c-", "p-") or ",s-" in v or ",c-" in v or ",p-" in v for v in args.variants):
         # per-channel key statistics from calibration text (not the scored windows): max |k| per layer, head, channel

@@ -5,7 +5,8 @@
 //     x    = rms_norm(h) * w_in                      (fp32, HF's formula)
 //     q,k,v= fused qkv (packed kernel), RoPE with the caller's cos/sin (rotate-half convention)
 //     cache[kvh, block(pos), pos % BS] = k, v          (the paged cache; int8/int4: rotated, quantized on write;
-//                                                     int4 keys less R(pos) mu, the row's key center)
+//                                                     int4 keys less R(pos) mu, the row's key center, and
+//                                                     position 0 kept exact beside the pool)
 //     core = softmax(q K^T / sqrt(D)) V              over positions 0 .. pos of the sequence, its blocks read in place
 //     mid  = h + o_proj(core)
 //     out  = mid + down(silu(gate) * up)             gate/up one fused packed call, on rms_norm(mid) * w_post
@@ -118,6 +119,22 @@ void store_int4(const float* x, int64_t D, uint8_t* codes, at::Half* scale, at::
   }
 }
 
+// int4 key centering: sc[r * n + j] += sum_i tab[i * npos + j] * a[r * D + i] for R query heads r and positions
+// 1 .. n - 1, each table row read once for all R heads (vectorised along the positions).
+template <int R>
+void center_terms(float* sc, int64_t n, const float* a, int64_t D, const float* tab, int64_t npos) {
+  for (int64_t i = 0; i < D; ++i) {
+    const float* row = tab + i * npos;
+    float ar[R];
+    for (int r = 0; r < R; ++r) ar[r] = a[r * D + i];
+#pragma omp simd
+    for (int64_t j = 1; j < n; ++j) {
+      const float t = row[j];
+      for (int r = 0; r < R; ++r) sc[r * n + j] += ar[r] * t;
+    }
+  }
+}
+
 }  // namespace
 
 struct DecodeLayer : torch::CustomClassHolder {
@@ -158,8 +175,9 @@ struct DecodeLayer : torch::CustomClassHolder {
 
   // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32, or
   // int8 codes [.., D] with fp16 scales k_scale, v_scale [KVH, blocks, BS], or int4 codes [.., D / 2] (uint8)
-  // with fp16 scales and zeros, then the key centers mu [rows, KVH, D] fp32 and the RoPE tables cos, sin
-  // [positions, D] fp32 (kernels/kv_quant.py: an int4 key is stored as k - R(p) mu); table [rows, max_blocks] int32 maps a row's block i to its
+  // with fp16 scales and zeros, then the key centers mu [rows, KVH, D] fp32, the sinks [rows, 2, KVH, D] fp32
+  // (position 0's k and v, rotated, exact) and the RoPE table [D, positions] fp32 (row i < D / 2: cos of pair i
+  // at each position, row D / 2 + i: its sin; kernels/kv_quant.py: an int4 key is stored as k - R(p) mu); table [rows, max_blocks] int32 maps a row's block i to its
   // pool block; slots (rows), positions [B] int64; cos, sin [B, D] fp32. The new k, v are written (quantized)
   // at (:, table[slots[b], p / BS], p % BS) for p = positions[b]. Returns the layer's output [B, hidden].
   at::Tensor forward(const at::Tensor& h_in, const std::vector<at::Tensor>& cache, const at::Tensor& table_t,
@@ -176,8 +194,8 @@ struct DecodeLayer : torch::CustomClassHolder {
     const auto st = k_cache.scalar_type();
     const int kind = st == at::kFloat ? 0 : st == at::kChar ? 8 : st == at::kByte ? 4 : -1;
     TORCH_CHECK(kind >= 0 && size_t(kind == 0 ? 2 : kind == 8 ? 4 : 9) == cache.size(),
-                "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales, zeros, key centers "
-                "and RoPE tables");
+                "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales, zeros, key centers, "
+                "sinks and RoPE table");
     const int64_t CD = kind == 4 ? D / 2 : D;
     TORCH_CHECK(v_cache.scalar_type() == st && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                     k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == KVH &&
@@ -200,29 +218,35 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t* ps = pos.data_ptr<int64_t>();
     const int32_t* table = table_t.data_ptr<int32_t>();
     const int64_t rows = table_t.size(0), max_blocks = table_t.size(1);
-    // int4: the key centers and the RoPE tables they rotate by.
+    // int4: the key centers, the sinks and the RoPE table the centers rotate by.
     const float* mu = nullptr;
-    const float* ctab = nullptr;
-    const float* stab = nullptr;
+    float* sinks = nullptr;
+    const float* cstab = nullptr;
+    int64_t npos = 0;
     if (kind == 4) {
-      const at::Tensor &m = cache[6], &ct = cache[7], &st8 = cache[8];
+      const at::Tensor &m = cache[6], &sk = cache[7], &ct = cache[8];
       TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 3 && m.size(0) == rows &&
                       m.size(1) == KVH && m.size(2) == D, "key centers: contiguous fp32 [", rows, ", ", KVH, ", ", D,
                   "]");
-      TORCH_CHECK(ct.scalar_type() == at::kFloat && st8.scalar_type() == at::kFloat && ct.is_contiguous() &&
-                      st8.is_contiguous() && ct.dim() == 2 && ct.sizes() == st8.sizes() && ct.size(1) == D,
-                  "rope tables: contiguous fp32 [positions, ", D, "]");
+      TORCH_CHECK(sk.scalar_type() == at::kFloat && sk.is_contiguous() && sk.dim() == 4 && sk.size(0) == rows &&
+                      sk.size(1) == 2 && sk.size(2) == KVH && sk.size(3) == D,
+                  "sinks: contiguous fp32 [", rows, ", 2, ", KVH, ", ", D, "]");
+      sinks = sk.data_ptr<float>();
+      TORCH_CHECK(ct.scalar_type() == at::kFloat && ct.is_contiguous() && ct.dim() == 2 && ct.size(0) == D,
+                  "rope table: contiguous fp32 [", D, ", positions]");
+      npos = ct.size(1);
       for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(ps[b] < ct.size(0), "position ", ps[b], " beyond the rope tables' ", ct.size(0));
+        TORCH_CHECK(ps[b] < npos, "position ", ps[b], " beyond the rope table's ", npos);
       }
-      mu = m.data_ptr<float>(), ctab = ct.data_ptr<float>(), stab = st8.data_ptr<float>();
+      mu = m.data_ptr<float>(), cstab = ct.data_ptr<float>();
     }
-    // R(p) mu of row r, KV head g, element i: mu * cos + rotate_half(mu) * sin, as kernels/kv_quant.rope_rotate.
+    // R(p) mu of row r, KV head g, element i: mu * cos + rotate_half(mu) * sin, as kernels/kv_quant.rope_rotate
+    // (cos and sin of element i are those of pair i mod D / 2).
     const int64_t hd = D / 2;
     auto key_offset = [&](int64_t r, int64_t g, int64_t p, int64_t i) -> float {
       const float* m = mu + (r * KVH + g) * D;
       const float rh = i < hd ? -m[i + hd] : m[i - hd];
-      return m[i] * ctab[p * D + i] + rh * stab[p * D + i];
+      return m[i] * cstab[(i % hd) * npos + p] + rh * cstab[(hd + i % hd) * npos + p];
     };
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(sl[b] >= 0 && sl[b] < rows && ps[b] >= 0 && ps[b] < max_blocks * BS, "row ", sl[b],
@@ -266,6 +290,11 @@ struct DecodeLayer : torch::CustomClassHolder {
             for (int64_t i = 0; i < D; ++i) rot[i] = src[i] - key_offset(sl[b], g, ps[b], i);
           }
           rotate(rot.data(), D);
+          if (kind == 4 && ps[b] == 0) {  // the sink: position 0 exact (k itself, rotated)
+            float* sink = sinks + ((sl[b] * 2 + kv) * KVH + g) * D;
+            for (int64_t i = 0; i < D; ++i) sink[i] = src[i];
+            rotate(sink, D);
+          }
           if (kind == 8) {
             store_int8(rot.data(), D, pool.data_ptr<int8_t>() + e * CD, cache[2 + kv].data_ptr<at::Half>() + e);
           } else {
@@ -338,33 +367,45 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
         // fn(j, x, scale, zero) for positions j = 0 .. n - 1, block by block (one table lookup per block): x the
         // entry's floats (fp32), or its codes as floats with their scale and zero (int8, int4).
+        // int4: position 0 from the row's sink (exact, rotated), not the pool.
         auto each_entry = [&](const float* f, const int8_t* c8, const uint8_t* c4, const at::Half* sc,
-                              const at::Half* zr, auto&& fn) {
+                              const at::Half* zr, const float* sink, auto&& fn) {
           for (int64_t j0 = 0; j0 < n; j0 += BS) {
             const int64_t e0 = (g * NB + int64_t(trow[j0 / BS])) * BS, cnt = std::min(BS, n - j0);
             for (int64_t o = 0; o < cnt; ++o) {
               const int64_t e = e0 + o;
+              if (sink && j0 + o == 0) {
+                fn(0, sink, 1.f, 0.f);
+                continue;
+              }
               if (!f) codes(c8, c4, e, buf.data());
               fn(j0 + o, f ? f + e * CD : buf.data(), sc ? float(sc[e]) : 1.f, zr ? float(zr[e]) : 0.f);
             }
           }
         };
-        score.resize(per_task * n);
-        each_entry(kf, k8, k4, ksc, kz, [&](int64_t j, const float* k, float ks, float kzero) {
+        // score starts as each key's center term: int4, q . R(j) mu = sum_i table[i, j] (A, B)_i for j > 0 (the
+        // sink holds k itself), vectorised along the positions; zero otherwise.
+        score.assign(per_task * n, 0.f);
+        if (kind == 4) {
+          for (int64_t r = 0; r < per_task; r += 4) {
+            const int64_t nr = std::min<int64_t>(4, per_task - r);
+            float* sc = score.data() + r * n;
+            const float* a = ab.data() + r * D;
+            if (nr == 4) center_terms<4>(sc, n, a, D, cstab, npos);
+            else if (nr == 3) center_terms<3>(sc, n, a, D, cstab, npos);
+            else if (nr == 2) center_terms<2>(sc, n, a, D, cstab, npos);
+            else center_terms<1>(sc, n, a, D, cstab, npos);
+          }
+        }
+        const float* ksink = sinks ? sinks + ((sl[b] * 2) * KVH + g) * D : nullptr;
+        const float* vsink = sinks ? sinks + ((sl[b] * 2 + 1) * KVH + g) * D : nullptr;
+        each_entry(kf, k8, k4, ksc, kz, ksink, [&](int64_t j, const float* k, float ks, float kzero) {
           for (int64_t r = 0; r < per_task; ++r) {
             const float* qr = qs.data() + r * D;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
-            float center = 0.f;
-            if (kind == 4) {
-              const float* a = ab.data() + r * D;
-              const float* c = ctab + j * D;
-              const float* s = stab + j * D;
-#pragma omp simd reduction(+ : center)
-              for (int64_t i = 0; i < hd; ++i) center += c[i] * a[i] + s[i] * a[hd + i];
-            }
-            score[r * n + j] = (dot * ks + qsum[r] * kzero + center) * scale;
+            score[r * n + j] = (dot * ks + qsum[r] * kzero + score[r * n + j]) * scale;
           }
         });
         for (int64_t r = 0; r < per_task; ++r) {  // softmax of each head's scores, unnormalised
@@ -380,7 +421,7 @@ struct DecodeLayer : torch::CustomClassHolder {
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
         }
-        each_entry(vf, v8, v4, vsc, vz, [&](int64_t j, const float* v, float vs, float vzero) {
+        each_entry(vf, v8, v4, vsc, vz, vsink, [&](int64_t j, const float* v, float vs, float vzero) {
           for (int64_t r = 0; r < per_task; ++r) {
             const float p = score[r * n + j];
             const float pv = p * vs;

@@ -22,8 +22,10 @@ per-channel key mean mu [kv_heads, D], taken before RoPE from its first chunk (p
 position, the attention sink, is an outlier), and a key at position p is stored as k - R(p) mu (R(p) the RoPE
 rotation of that position, so the offset follows the key's own rotation). Attention adds q . R(p) mu back to each
 score exactly, so mu only changes what the 4 bits have to cover: measured on SmolLM2-135M, 8 windows of 2048,
-int4 keys and values +5.6 % perplexity without it, about +2.4 % with it (docs/RESULTS.md). No calibration; mu
-costs kv_heads x D fp32 per row and layer, not per token.
+int4 keys and values +6.1 % perplexity without it, +3.1 % with it (docs/RESULTS.md). No calibration; mu
+costs kv_heads x D fp32 per row and layer, not per token. The cache also keeps each sequence's first position (the
+attention sink, an outlier that draws much of the attention) exact, per row and layer, not in 4 bits: +3.1 % ->
++1.7 % on the same windows (server/kv_cache.py).
 
 The stored fp16 scale and zero are the ones used to compute the codes (the float value of the fp16). Rounding is
 to nearest, ties to even (torch.round, C's nearbyint). A zero scale (a constant vector) gives codes 0.

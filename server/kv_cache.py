@@ -18,7 +18,9 @@ handed out lowest first, so resident memory follows the most tokens live at once
 int4 keys are stored centered (kernels/kv_quant.py): each row has a per-layer key mean `centers[layer][row]`
 [kv_heads, head_dim] fp32, set from its first chunk (write at start 0), and the key at position p is stored as
 k - R(p) mu with R(p) from the RoPE tables `rope` (cos, sin [max_len, head_dim]; the identity without them);
-read adds R(p) mu back.
+read adds R(p) mu back. Position 0 of an int4 row (the first token: the attention sink, an outlier that draws
+much of the attention) is kept exact in `sinks[layer][row]` [2, kv_heads, head_dim] fp32 (k, v, Hadamard-rotated
+as the native code reads them), and read from there instead of the pool.
 """
 from __future__ import annotations
 
@@ -102,8 +104,11 @@ class PagedKVCache:
         self.meta = [[torch.empty(shape, device=device, dtype=torch.float16) for _ in range(2 * n_meta)]
                      for _ in range(num_layers)]  # per layer: k_scale, v_scale[, k_zero, v_zero]
         self.centers: list[torch.Tensor] = []
-        if kind == "int4":  # per row and layer, the key mean (kernels/kv_quant.py) and the RoPE tables it rotates by
+        self.sinks: list[torch.Tensor] = []
+        if kind == "int4":  # per row and layer: the key mean (kernels/kv_quant.py), position 0 exact, and the RoPE
+            # tables the mean rotates by
             self.centers = [torch.zeros(num_rows, num_kv_heads, head_dim, device=device) for _ in range(num_layers)]
+            self.sinks = [torch.zeros(num_rows, 2, num_kv_heads, head_dim, device=device) for _ in range(num_layers)]
             if rope is None:
                 rope = (torch.ones(max_len, head_dim, device=device), torch.zeros(max_len, head_dim, device=device))
             cos, sin = (t.float().reshape(-1, head_dim).contiguous() for t in rope)
@@ -113,6 +118,7 @@ class PagedKVCache:
             if not (torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:])):
                 raise ValueError("rope tables must repeat one frequency per pair (i, i + head_dim / 2)")
             self.rope_cos, self.rope_sin = cos, sin
+            self.rope_half = torch.cat((cos[:, :h], sin[:, :h]), 1).t().contiguous()  # the native layer's table
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -165,9 +171,10 @@ class PagedKVCache:
 
     # ---- the reference reads and writes (native code does the same in place) ------------------------------
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        """k, v[, k_scale, v_scale[, k_zero, v_zero, key centers, rope cos, rope sin]]: what the native decode layer
-        reads and writes."""
-        extra = [self.centers[layer], self.rope_cos, self.rope_sin] if self.centers else []
+        """k, v[, k_scale, v_scale[, k_zero, v_zero, key centers, sinks, rope table]]: what the native decode layer
+        reads and writes (the rope table [head_dim, max_len]: row i < head_dim / 2 the cosines of pair i at each
+        position, row head_dim / 2 + i its sines)."""
+        extra = [self.centers[layer], self.sinks[layer], self.rope_half] if self.centers else []
         return [self.k[layer], self.v[layer], *self.meta[layer], *extra]
 
     def _key_offsets(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -197,6 +204,7 @@ class PagedKVCache:
             if start == 0:
                 t = k.shape[1]
                 self.centers[layer][row] = kv_quant.key_center(k, self.rope_cos[:t], self.rope_sin[:t])
+                self.sinks[layer][row, 0], self.sinks[layer][row, 1] = kv_quant.rotate(k[:, 0]), kv_quant.rotate(v[:, 0])
             rows = torch.tensor([row], device=self.device)
             k = (k.float() - self._key_offsets(layer, rows, pos[None])[0]).to(k.dtype)
         blocks = self.tables[row, pos // self.block_size].long()
@@ -206,6 +214,9 @@ class PagedKVCache:
                      v: torch.Tensor) -> None:
         """One token per row: k, v [B, kv_heads, head_dim] at positions[b] of rows[b]."""
         if self.centers:
+            first = positions == 0
+            if bool(first.any()):
+                self.sinks[layer][rows[first]] = kv_quant.rotate(torch.stack((k[first], v[first]), 1))
             k = (k.float() - self._key_offsets(layer, rows, positions[:, None])[:, :, 0]).to(k.dtype)
         blocks = self.tables[rows, positions // self.block_size].long()
         self._store(layer, blocks, positions % self.block_size, k, v)
@@ -226,6 +237,10 @@ class PagedKVCache:
         meta = [dense(m) for m in self.meta[layer]]
         zk, zv = (meta[2], meta[3]) if self.kind == "int4" else (None, None)
         keys = kv_quant.dequantize(dense(self.k[layer]), meta[0], zk, self.kind)
+        values = kv_quant.dequantize(dense(self.v[layer]), meta[1], zv, self.kind)
         if self.centers:
             keys = keys + self._key_offsets(layer, rows, torch.arange(length, device=self.device)[None])
-        return keys.to(self.dtype), kv_quant.dequantize(dense(self.v[layer]), meta[1], zv, self.kind, self.dtype)
+            if length:
+                sink = kv_quant.rotate(self.sinks[layer][rows])  # [B, 2, KVH, D]
+                keys[:, :, 0], values[:, :, 0] = sink[:, 0], sink[:, 1]
+        return keys.to(self.dtype), values.to(self.dtype)

@@ -148,6 +148,9 @@ def test_paged_reads_match_a_dense_reference(kind):
                     ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k, kind), kind)
                 if kind != "auto":
                     ref_v = kv_quant.dequantize(*kv_quant.quantize(ref_v, kind), kind)
+                if kind == "int4":  # position 0 exact (kept rotated beside the pool)
+                    ref_k[:, 0] = kv_quant.rotate(kv_quant.rotate(dense[r][layer, 0, :, 0]))
+                    ref_v[:, 0] = kv_quant.rotate(kv_quant.rotate(dense[r][layer, 1, :, 0]))
                 assert torch.equal(keys[i, :, :n], ref_k) and torch.equal(values[i, :, :n], ref_v)
 
 
@@ -160,8 +163,8 @@ def rope_tables(n: int, d: int, theta: float = 100.0) -> tuple[torch.Tensor, tor
 
 def test_int4_key_centering_removes_a_rotating_offset():
     """Keys with a large per-channel offset before RoPE (as real models' keys have), rotated by their positions:
-    centered int4 reads them back far closer than int4 of the raw keys, and the mean is taken without the first
-    position (the attention sink)."""
+    centered int4 reads them back far closer than int4 of the raw keys; the mean is taken without the first
+    position (the attention sink), which is read back exact."""
     g = torch.Generator().manual_seed(3)
     kvh, d, n = 2, 16, 48
     cos, sin = rope_tables(64, d)
@@ -178,6 +181,7 @@ def test_int4_key_centering_removes_a_rotating_offset():
     err_centered = (keys[0, :, 1:] - k[:, 1:]).square().mean()
     err_plain = (kv_quant.dequantize(*kv_quant.quantize(k, "int4"), "int4")[:, 1:] - k[:, 1:]).square().mean()
     assert err_centered < err_plain / 10, (float(err_centered), float(err_plain))
+    torch.testing.assert_close(keys[0, :, 0], k[:, 0], rtol=0, atol=1e-4)  # the sink, exact
 
 
 def test_rope_tables_must_pair_the_halves():
