@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -367,6 +368,8 @@ def main(argv=None) -> None:
         p.error("--gguf needs --llama-server BIN")
     if args.vllm and not args.vllm_python:
         p.error("--vllm needs --vllm-python PYTHON")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the rounds, not after
+        p.error("--plot needs matplotlib: pip install -e '.[bench]'")
 
     results: list[LevelResult] = []
     for r in range(args.rounds):
