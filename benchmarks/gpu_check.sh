@@ -54,7 +54,7 @@ step "Triton kernel tests on CUDA"
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi  # parallel compiles
 # shellcheck disable=SC2086
-timeout "$(cap 150)" $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_autotune.py -o addopts= -q \
+timeout "$(cap 150)" $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_autotune.py tests/test_paged_attention.py -o addopts= -q \
   -p no:cacheprovider $XDIST 2>&1 | tee "$OUT_DIR/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/tests.log"
 

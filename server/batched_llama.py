@@ -13,6 +13,7 @@ from torch import nn
 
 from mamp.kernels.llama_block import LlamaBlock, rms_norm
 from mamp.kernels.native_decode import native_decode_layer, why_not
+from mamp.kernels.paged_attention import choose_decode_attention
 
 from .kv_cache import BLOCK_SIZE, PagedKVCache
 
@@ -67,6 +68,7 @@ class BatchedLlama:
         self.native_reason = "not on the CPU in fp32" if not cpu_fp32 else next(
             (r for r in map(why_not, self.blocks) if r is not None), None)
         self.native = None if self.native_reason else [native_decode_layer(blk) for blk in self.blocks]
+        self.attention, self.attention_reason = choose_decode_attention(self.device)  # the Python path's
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim]."""
@@ -139,20 +141,13 @@ class BatchedLlama:
             for i, layer in enumerate(self.native):
                 h = layer.forward(h, cache.layer_tensors(i), cache.tables, slot_idx, pos, cos, sin)
             return self._logits(h)
-        # The Python path gathers every sequence's blocks into a dense copy per layer; positions past a
-        # sequence's own are zeroed (never-written blocks may hold anything) and masked.
-        length = int(pos.max()) + 1
-        valid = torch.arange(length, device=self.device)[None] <= pos[:, None]  # [B, L]
-        mask = valid[:, None, None, :]
-        invalid = ~valid[:, None, :, None]
+        # The Python path: each layer's attention reads the sequences' blocks through self.attention (the Triton
+        # kernel in place on CUDA; elsewhere the reference, which gathers them into a dense copy).
         for i, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(blk.attn_in(h), cos, sin)
             cache.write_tokens(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
-            keys, values = cache.read(i, slot_idx, length)
-            if b > 1:
-                keys, values = keys.masked_fill(invalid, 0), values.masked_fill(invalid, 0)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            mid = blk.mid(h, o.transpose(1, 2).reshape(b, 1, -1))
+            o = self.attention(q[:, :, 0], cache.layer_tensors(i), cache.tables, slot_idx, pos)  # [B, H, D]
+            mid = blk.mid(h, o.reshape(b, 1, -1))
             h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))
         return self._logits(h[:, 0])
 

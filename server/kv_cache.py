@@ -29,6 +29,7 @@ import heapq
 import torch
 
 from mamp.kernels import kv_quant
+from mamp.kernels.paged_attention import read_dense
 
 BLOCK_SIZE = 16
 KINDS = kv_quant.KINDS
@@ -223,24 +224,6 @@ class PagedKVCache:
 
     def read(self, layer: int, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [0, length) of each row: [B, kv_heads, length, head_dim] in the compute
-        dtype (a copy). Positions a row has not written hold whatever its blocks hold: mask them."""
-        nb = self.blocks_for(length)
-        idx = self.tables[rows, :nb].long()  # [B, nb]
-        b = idx.shape[0]
-
-        def dense(t: torch.Tensor) -> torch.Tensor:  # [KVH, NB, BS, ...] -> [B, KVH, nb * BS, ...]
-            g = t[:, idx].transpose(0, 1)
-            return g.reshape(b, self.num_kv_heads, nb * self.block_size, *t.shape[3:])[:, :, :length]
-
-        if self.kind == "auto":
-            return dense(self.k[layer]), dense(self.v[layer])
-        meta = [dense(m) for m in self.meta[layer]]
-        zk, zv = (meta[2], meta[3]) if self.kind == "int4" else (None, None)
-        keys = kv_quant.dequantize(dense(self.k[layer]), meta[0], zk, self.kind)
-        values = kv_quant.dequantize(dense(self.v[layer]), meta[1], zv, self.kind)
-        if self.centers:
-            keys = keys + self._key_offsets(layer, rows, torch.arange(length, device=self.device)[None])
-            if length:
-                sink = kv_quant.rotate(self.sinks[layer][rows])  # [B, 2, KVH, D]
-                keys[:, :, 0], values[:, :, 0] = sink[:, 0], sink[:, 1]
-        return keys.to(self.dtype), values.to(self.dtype)
+        dtype (a copy; kernels/paged_attention.read_dense). Positions a row has not written hold whatever its
+        blocks hold: mask them."""
+        return read_dense(self.layer_tensors(layer), self.tables, rows, length, self.dtype)
