@@ -2,6 +2,9 @@
 with the dot-product error bound, a tiny word-level tokenizer and tiny Llamas."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -90,3 +93,18 @@ def save_tiny(folder: Path, inter: int = 176, tie: bool = True) -> Path:
     tiny_llama(inter, tie=tie).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def run_interpreted(test_file: str, select: str, no_skips: bool = False) -> None:
+    """Runs the tests of `test_file` that `-k select` picks on the CPU under TRITON_INTERPRET=1, in a child process
+    (the variable must be set before triton is imported, and the rest of the suite must not see it); asserts that
+    they ran and passed (and, with no_skips, that none was skipped)."""
+    path = Path(test_file).resolve()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", str(path), "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-k", select]
+    r = subprocess.run(cmd, cwd=path.parents[1], env=env, capture_output=True, text=True, timeout=1200)
+    tail = (r.stdout[-6000:] + "\n" + r.stderr[-3000:]).strip()
+    print(tail)
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and "failed" not in r.stdout, tail
+    assert not no_skips or "skipped" not in r.stdout, tail

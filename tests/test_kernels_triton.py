@@ -11,14 +11,11 @@ interpreted (kernels.triton_autotune.dot_in_fp32); fp32 -> bf16 stores truncate,
 """
 import itertools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TOL, check_close, make_case, make_x
+from tests.helpers import TOL, check_close, make_case, make_x, run_interpreted
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRET
@@ -133,12 +130,4 @@ def test_packed_linear_dispatches_to_triton_on_gpu():
 @pytest.mark.skipif(RUN_HERE, reason="the kernel cases run directly in this process")
 def test_triton_kernels_interpreted():
     """Every case above, on the CPU under TRITON_INTERPRET=1, in a child process."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-o", "addopts=", "-q",
-           "-p", "no:cacheprovider", "-k", "not interpreted"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    tail = (r.stdout[-6000:] + "\n" + r.stderr[-3000:]).strip()
-    print(tail)
-    assert r.returncode == 0, tail
-    assert " passed" in r.stdout and "failed" not in r.stdout, tail
+    run_interpreted(__file__, "not interpreted")

@@ -8,16 +8,13 @@ is imported): `test_paged_attention_interpreted` re-runs this file in a subproce
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mamp.kernels.paged_attention import choose_decode_attention, decode_attention_reference, read_dense
 from mamp.server.kv_cache import PagedKVCache
-from tests.helpers import tiny_llama
+from tests.helpers import run_interpreted, tiny_llama
 from tests.test_kv_cache import rope_tables
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -132,12 +129,4 @@ def test_the_triton_attention_is_chosen_only_on_cuda(monkeypatch):
 @pytest.mark.skipif(RUN_HERE, reason="the interpreted run itself")
 def test_paged_attention_interpreted():
     """The Triton cases above, on the CPU under TRITON_INTERPRET=1, in a child process."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-o", "addopts=", "-q",
-           "-p", "no:cacheprovider", "-k", "triton"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    tail = (r.stdout[-6000:] + "\n" + r.stderr[-3000:]).strip()
-    print(tail)
-    assert r.returncode == 0, tail
-    assert " passed" in r.stdout and "failed" not in r.stdout and "skipped" not in r.stdout, tail
+    run_interpreted(__file__, "triton", no_skips=True)
