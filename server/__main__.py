@@ -34,8 +34,8 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)
     p.add_argument("--log-level", default=d.log_level)
     p.add_argument("--threads", type=int, default=d.threads,
-                   help="CPU threads for the model (default: all cores but one, which the HTTP side and tokenizer "
-                        "need: on 2 cores one client streamed 1.5x faster with 1 thread than with 2)")
+                   help="CPU threads for the model's steps under 8 rows (default: all cores; on 2 cores one streaming "
+                        "client got 1.3x the tokens/s with 2 threads than with 1, docs/RESULTS.md)")
     p.add_argument("--threads-batch", type=int, default=d.threads_batch,
                    help="CPU threads for engine steps of 8 or more rows (decode batches, prefill chunks; default: "
                         "all cores when --threads is left to its default, else --threads)")
@@ -69,12 +69,13 @@ def _size(text: str) -> int:
 
 
 def resolve_threads(config: ServerConfig, cores: int) -> ServerConfig:
-    """The config with both thread counts set: --threads (default all cores but one: the event loop, the tokenizer
-    worker and the SSE writes need a core, and model threads that lose theirs stall at every barrier; on 2 cores
-    one streaming client got 1.5x the tokens/s with 1 thread than with 2) and --threads-batch for steps of
-    Engine.BATCH_ROWS rows or more (default all cores when --threads is left to its default, else --threads: on
-    2 cores 16 clients got 1.39x the tokens/s with 2 threads there; docs/RESULTS.md)."""
-    threads = config.threads or max(1, cores - 1)
+    """The config with both thread counts set: --threads for steps under Engine.BATCH_ROWS rows (default all
+    cores: since the decode step runs as one native call per layer, the HTTP side's work between steps costs the
+    model threads less than a core; on 2 cores one streaming client got 1.32x and four 1.22x the tokens/s with 2
+    threads than with 1, where it was 0.65x before the native step) and --threads-batch for steps of
+    Engine.BATCH_ROWS rows or more (default all cores when --threads is left to its default, else --threads, like
+    llama.cpp's -tb; docs/RESULTS.md)."""
+    threads = config.threads or cores
     batch = config.threads_batch or (cores if config.threads is None else threads)
     return dataclasses.replace(config, threads=threads, threads_batch=batch)
 

@@ -50,7 +50,7 @@ class ServerConfig:
     log_level: str = "info"
     verify: bool = True             # check the checkpoint's files against its manifest (sizes, sha256) at load
     max_request_bytes: int = 4 << 20  # larger request bodies get 413 before they are read; 0: no limit
-    threads: Optional[int] = None   # torch CPU threads; None: all of torch's but one (server/__main__.py)
+    threads: Optional[int] = None   # torch CPU threads; None: all of torch's (server/__main__.py)
     # Threads for engine steps of at least Engine.BATCH_ROWS rows (a decode batch or a prefill chunk), where the
     # compute outweighs what the HTTP side loses; None: all of torch's threads when `threads` is left to its
     # default, else `threads` (like llama.cpp's --threads-batch)

@@ -72,10 +72,10 @@ class _Sequence:
 
 
 class Engine:
-    # Rows (decode batch, prefill chunk) from which a step runs on threads[1] rather than threads[0]. On 2 cores
-    # (docs/RESULTS.md, 2026-11-28): one model thread served 1 and 4 streaming clients 1.46x / 1.15x faster than
-    # two (the HTTP side keeps the second core), two threads served 16 clients 1.08-1.12x faster than one. The
-    # lm_head always runs on threads[1] (one call, one barrier: one client 1.04x, median of 4 rounds).
+    # Rows (decode batch, prefill chunk) from which a step runs on threads[1] rather than threads[0]: the two
+    # counts can differ (--threads, --threads-batch). Before the native decode step one model thread served 1 and 4
+    # streaming clients faster than two on 2 cores; since it, two are faster at every load, and both default to
+    # all cores (docs/RESULTS.md). The lm_head always runs on threads[1] (one call, one barrier).
     BATCH_ROWS = 8
 
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,

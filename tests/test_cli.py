@@ -61,15 +61,15 @@ def test_serve_flags_reach_the_config():
         assert info.value.code == 2
 
 
-def test_serve_leaves_a_core_to_the_http_side_except_for_big_steps():
+def test_serve_threads_default_to_every_core_and_can_be_split():
     from mamp.server.__main__ import parse_args, resolve_threads
 
-    for cores, want in ((2, (1, 2)), (1, (1, 1)), (16, (15, 16))):
+    for cores, want in ((2, (2, 2)), (1, (1, 1)), (16, (16, 16))):
         config = resolve_threads(parse_args(["--model", "m"]), cores)
         assert (config.threads, config.threads_batch) == want
     config = resolve_threads(parse_args(["--model", "m", "--threads", "3"]), 16)  # like llama.cpp's -tb
     assert (config.threads, config.threads_batch) == (3, 3)
     config = resolve_threads(parse_args(["--model", "m", "--threads-batch", "4"]), 2)
-    assert (config.threads, config.threads_batch) == (1, 4)
+    assert (config.threads, config.threads_batch) == (2, 4)
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--threads-batch", "0"])
