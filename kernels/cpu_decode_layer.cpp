@@ -465,8 +465,45 @@ struct DecodeLayer : torch::CustomClassHolder {
   }
 };
 
+// Every decoder layer's decode step in one call (torch.classes.mamp.DecodeStack): the layers' DecodeLayer arguments
+// concatenated, and forward walks them in order. One call per step instead of one per layer, so the caller's
+// thread takes Python's lock once per step: between per-layer calls it had to take it back from the server's
+// event loop at every layer (up to its switch interval each time) while other streams were being written.
+struct DecodeStack : torch::CustomClassHolder {
+  static constexpr int64_t TENSORS = 4 * TENSORS_PER_LINEAR + 2, INTS = 4 * INTS_PER_LINEAR + 8;
+  std::vector<c10::intrusive_ptr<DecodeLayer>> layers;
+
+  DecodeStack(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> eps) {
+    const int64_t n = int64_t(eps.size());
+    TORCH_CHECK(n > 0 && int64_t(tensors.size()) == n * TENSORS && int64_t(ints.size()) == n * INTS,
+                "DecodeStack: ", TENSORS, " tensors and ", INTS, " ints per layer");
+    for (int64_t l = 0; l < n; ++l) {
+      layers.push_back(c10::make_intrusive<DecodeLayer>(
+          std::vector<at::Tensor>(tensors.begin() + l * TENSORS, tensors.begin() + (l + 1) * TENSORS),
+          std::vector<int64_t>(ints.begin() + l * INTS, ints.begin() + (l + 1) * INTS), eps[l]));
+    }
+  }
+
+  // cache: every layer's cache tensors (DecodeLayer.forward's), concatenated in layer order.
+  at::Tensor forward(const at::Tensor& h_in, const std::vector<at::Tensor>& cache, const at::Tensor& table,
+                     const at::Tensor& slots, const at::Tensor& pos, const at::Tensor& cos,
+                     const at::Tensor& sin) const {
+    const size_t n = layers.size(), per = cache.size() / n;
+    TORCH_CHECK(per * n == cache.size(), "DecodeStack: ", cache.size(), " cache tensors for ", n, " layers");
+    at::Tensor h = h_in;
+    for (size_t l = 0; l < n; ++l) {
+      h = layers[l]->forward(h, std::vector<at::Tensor>(cache.begin() + l * per, cache.begin() + (l + 1) * per),
+                             table, slots, pos, cos, sin);
+    }
+    return h;
+  }
+};
+
 TORCH_LIBRARY_FRAGMENT(mamp, m) {
   m.class_<DecodeLayer>("DecodeLayer")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
       .def("forward", &DecodeLayer::forward);
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("forward", &DecodeStack::forward);
 }

@@ -7,6 +7,8 @@ norms. MAMP_NATIVE_DECODE=0 turns it off (the Python stages then serve, as befor
 
     layer = native_decode_layer(block)          # DecodeLayer or None
     h = layer.forward(h, cache.layer_tensors(i), cache.tables, rows, positions, cos, sin)  # server/kv_cache.py
+    stack = native_decode_stack(blocks)         # DecodeStack: all layers in one call (the runner's choice)
+    h = stack.forward(h, [t for i in range(n) for t in cache.layer_tensors(i)], cache.tables, rows, positions, cos, sin)
 """
 from __future__ import annotations
 
@@ -66,6 +68,20 @@ def native_decode_layer(block: LlamaBlock):
     """torch.classes.mamp.DecodeLayer over the block's packed tensors (shared, not copied), or None (why_not)."""
     if why_not(block) is not None:
         return None
+    return torch.classes.mamp.DecodeLayer(*_layer_args(block))
+
+
+def native_decode_stack(blocks: list[LlamaBlock]):
+    """torch.classes.mamp.DecodeStack: every block's decode step in one call (their DecodeLayer arguments
+    concatenated), or None where any block does not allow it."""
+    if not blocks or any(why_not(b) is not None for b in blocks):
+        return None
+    args = [_layer_args(b) for b in blocks]
+    return torch.classes.mamp.DecodeStack([t for a in args for t in a[0]], [i for a in args for i in a[1]],
+                                          [a[2] for a in args])
+
+
+def _layer_args(block: LlamaBlock) -> tuple[list[torch.Tensor], list[int], float]:
     kernel = block.fused_qkv.kernel.name
     views = [block.fused_qkv.view, block.attn.o_proj.__dict__["_view"], block.fused_gate_up.view,
              block.mlp.down_proj.__dict__["_view"]]
@@ -79,4 +95,4 @@ def native_decode_layer(block: LlamaBlock):
     int8 = _KERNELS[kernel]
     ints += [block.num_heads, block.num_kv_heads, block.head_dim, block.mlp.down_proj.in_features, int8,
              cpu_matmul.ACT_BLOCK, cpu_matmul.INT8_MAX_M if int8 else cpu_matmul.SMALL_M, cpu_matmul.SCRATCH_BYTES]
-    return torch.classes.mamp.DecodeLayer(tensors, ints, float(layer.input_layernorm.variance_epsilon))
+    return tensors, ints, float(layer.input_layernorm.variance_epsilon)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamp.kernels.llama_block import LlamaBlock, rms_norm
-from mamp.kernels.native_decode import native_decode_layer, why_not
+from mamp.kernels.native_decode import native_decode_layer, native_decode_stack, why_not
 from mamp.kernels.paged_attention import choose_decode_attention
 
 from .kv_cache import BLOCK_SIZE, PagedKVCache
@@ -68,6 +68,8 @@ class BatchedLlama:
         self.native_reason = "not on the CPU in fp32" if not cpu_fp32 else next(
             (r for r in map(why_not, self.blocks) if r is not None), None)
         self.native = None if self.native_reason else [native_decode_layer(blk) for blk in self.blocks]
+        # The same layers as one call per step (the decode path's), so this thread takes Python's lock once per step.
+        self.native_stack = None if self.native_reason else native_decode_stack(self.blocks)
         self.attention, self.attention_reason = choose_decode_attention(self.device)  # the Python path's
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,10 +138,10 @@ class BatchedLlama:
         pos = torch.tensor(positions, device=self.device)
         cos, sin = self._rope(pos[:, None])
         h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
-        if self.native is not None:  # each layer reads its sequences' blocks in place, in C++
-            h, cos, sin = h[:, 0], cos.view(b, -1), sin.view(b, -1)
-            for i, layer in enumerate(self.native):
-                h = layer.forward(h, cache.layer_tensors(i), cache.tables, slot_idx, pos, cos, sin)
+        if self.native is not None:  # every layer in one C++ call, each reading its sequences' blocks in place
+            tensors = [t for i in range(len(self.blocks)) for t in cache.layer_tensors(i)]
+            h = self.native_stack.forward(h[:, 0], tensors, cache.tables, slot_idx, pos, cos.view(b, -1),
+                                          sin.view(b, -1))
             return self._logits(h)
         # The Python path: each layer's attention reads the sequences' blocks through self.attention (the Triton
         # kernel in place on CUDA; elsewhere the reference, which gathers them into a dense copy).

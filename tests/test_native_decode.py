@@ -113,6 +113,37 @@ def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, 
     torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["auto", "int4"])
+@torch.inference_mode()
+def test_the_stack_is_the_layers_in_one_call(packed_dir, kind):
+    """DecodeStack.forward (the runner's decode path) writes the same cache and returns the same hidden state as
+    the layers' own forward calls in turn; a cache list that does not split evenly over the layers is refused."""
+    runner = runner_for(packed_dir, kind=kind)
+    cache, n = runner.cache, len(runner.native)
+    rows, pos = torch.tensor([1, 4]), torch.tensor([3, 20])
+    g = torch.Generator().manual_seed(3)
+    for r, p in zip(rows.tolist(), pos.tolist()):
+        cache.ensure(r, p + 1)
+        for i in range(n):
+            cache.write(i, r, 0, torch.randn(2, p, 16, generator=g), torch.randn(2, p, 16, generator=g))
+    h = torch.randn(2, 64, generator=g)
+    cos, sin = (t.view(2, -1) for t in runner._rope(pos[:, None]))
+    flat = [t for i in range(n) for t in cache.layer_tensors(i)]
+    before = [t.clone() for t in flat]
+    want = h
+    for i, layer in enumerate(runner.native):
+        want = layer.forward(want, cache.layer_tensors(i), cache.tables, rows, pos, cos, sin)
+    after = [t.clone() for t in flat]
+    for t, b0 in zip(flat, before):
+        t.copy_(b0)
+    got = runner.native_stack.forward(h, flat, cache.tables, rows, pos, cos, sin)
+    assert torch.equal(got, want)
+    for t, a in zip(flat, after):
+        assert torch.equal(t.nan_to_num(0), a.nan_to_num(0))
+    with pytest.raises(RuntimeError, match="cache tensors for"):
+        runner.native_stack.forward(h, flat[:-1], cache.tables, rows, pos, cos, sin)
+
+
 @torch.inference_mode()
 def test_native_layer_refuses_a_position_or_block_outside_the_cache(packed_dir):
     runner = runner_for(packed_dir, max_len=64)
