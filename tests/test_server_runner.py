@@ -90,6 +90,11 @@ def test_greedy_and_seeded_sampling():
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
     penalised = SamplingParams(temperature=0.0, frequency_penalty=2.0)
     assert sample(logits, penalised, make_generator(0, torch.device("cpu")), [1]).token_id == 3
+    biased = SamplingParams(temperature=0.0, logit_bias=((0, 10.0),), presence_penalty=1.0, logprobs=1)
+    before = logits.clone()
+    tok = sample(logits, biased, make_generator(0, torch.device("cpu")), [3])
+    assert tok.token_id == 0 and torch.equal(logits, before)  # the caller's logits are never changed
+    assert tok.logprob == pytest.approx(float(torch.log_softmax(before, -1)[0]))  # logprobs: the raw distribution
 
 
 def test_detokenizer_cuts_at_stop_and_holds_back_prefixes(stories_dir):
