@@ -57,7 +57,9 @@ class BatchedLlama:
         self.inv_freq = inv_freq.to(self.device)
         self.blocks = [LlamaBlock(layer, self.num_heads, self.num_kv_heads, self.head_dim, fuse=True)
                        for layer in self.layers]
-        cos, sin = self._rope(torch.arange(max_model_len, device=self.device)[None])  # int4's key centering
+        # RoPE of every position, computed once (decode and prefill index it; int4's key centering rotates by it).
+        self._cos, self._sin = (t[0, 0] for t in self._rope(torch.arange(max_model_len, device=self.device)[None]))
+        cos, sin = self._cos, self._sin
         self.cache = PagedKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
                                   max_model_len, self.device, self.dtype, kv_cache_dtype, kv_cache_blocks,
                                   kv_block_size, rope=(cos, sin) if kv_cache_dtype == "int4" else None)
@@ -71,6 +73,10 @@ class BatchedLlama:
         # The same layers as one call per step (the decode path's), so this thread takes Python's lock once per step.
         self.native_stack = None if self.native_reason else native_decode_stack(self.blocks)
         self.attention, self.attention_reason = choose_decode_attention(self.device)  # the Python path's
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """_rope's values read from the table of every position (positions [B, T] below max_model_len)."""
+        return self._cos[positions][:, None], self._sin[positions][:, None]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim]."""
@@ -101,7 +107,7 @@ class BatchedLlama:
         cache = self.cache
         cache.ensure(slot, end)
         ids = torch.tensor([token_ids], device=self.device)
-        cos, sin = self._rope(torch.arange(start, end, device=self.device)[None])
+        cos, sin = self._rope_at(torch.arange(start, end, device=self.device)[None])
         h = self.model.model.embed_tokens(ids)
         # A later chunk attends to the cached prefix and causally within itself: query i sees keys 0 .. start + i.
         # A quantized cache is read back for every key, this chunk's too, so a token's attention is the same
@@ -136,7 +142,7 @@ class BatchedLlama:
             cache.ensure(slot, p + 1)
         slot_idx = torch.tensor(slots, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        cos, sin = self._rope(pos[:, None])
+        cos, sin = self._rope_at(pos[:, None])
         h = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
         if self.native is not None:  # every layer in one C++ call, each reading its sequences' blocks in place
             tensors = [t for i in range(len(self.blocks)) for t in cache.layer_tensors(i)]
