@@ -114,11 +114,6 @@ def _top_pairs(mu: torch.Tensor) -> torch.Tensor:
     return mu * keep.repeat(1, 2)
 
 
-def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
-
-
 def fake_quant(x: torch.Tensor, how: str, layer: int = 0) -> torch.Tensor:
     if SINK["n"] and x.shape[2] > SINK["n"]:
         n = SINK["n"]
@@ -130,7 +125,7 @@ def fake_quant(x: torch.Tensor, how: str, layer: int = 0) -> torch.Tensor:
     if how.startswith(("p-", "r-")):  # the pre-RoPE mean, rotated to each position, subtracted and added back
         cos, sin = ROPE["fn"](torch.arange(x.shape[2]))
         if how[0] == "p":
-            mu = _rot(PRE[layer][None, :, None, :], cos, sin)
+            mu = kv_quant.rope_rotate(PRE[layer][None, :, None, :], cos, sin)
         else:  # the served centering: the sequence's own first positions but the first (kernels/kv_quant.py)
             mu = torch.stack([kv_quant.rope_rotate(_top_pairs(kv_quant.key_center(xb, cos[0], sin[0]))[:, None],
                                                    cos[0], sin[0]) for xb in x])
@@ -193,13 +188,14 @@ def main(argv=None) -> int:
             SMOOTH[layer] = torch.maximum(SMOOTH.get(layer, m), m)
             MEAN[layer] = k[:, :, 1:].mean(dim=(0, 2))  # not the first position (an outlier, the attention sink)
             cos, sin = ROPE["fn"](torch.arange(k.shape[2]))
-            PRE[layer] = _rot(k, cos, -sin).mean(dim=(0, 2))  # R(-p) undoes RoPE
+            PRE[layer] = kv_quant.rope_rotate(k, cos, -sin).mean(dim=(0, 2))  # R(-p) undoes RoPE
         return fake_quant(k, how["k"], layer), fake_quant(v, how["v"], layer)
 
     PagedKVCache.read, PagedKVCache._store = fake_read, as_auto(store)
     SINK["n"] = args.sink
     PAIRS["n"] = args.center_pairs
-    ROPE["fn"] = lambda pos: tuple(t[0] for t in BatchedLlama(model, 1, 16)._rope(pos[None]))
+    rope_runner = BatchedLlama(model, 1, 16)  # its RoPE (any position), built once
+    ROPE["fn"] = lambda pos: tuple(t[0] for t in rope_runner._rope(pos[None]))
     if any(v[:2] in ("s-", "c-", "p-") or ",s-" in v or ",c-" in v or ",p-" in v for v in args.variants):
         # per-channel key statistics from calibration text (not the scored windows): max |k| per layer, head, channel
         how.update(k="none", v="none", record="1")

@@ -36,11 +36,12 @@ def kind_of(tensors: list[torch.Tensor]) -> str:
     return {torch.int8: "int8", torch.uint8: "int4"}.get(tensors[0].dtype, "auto")
 
 
-def rope_from_table(tab: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transposed half table [D, positions] -> cos, sin [length, D] (each pair's value in both halves)."""
+def rope_at(tab: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed half table [D, max_positions] -> cos, sin [*positions.shape, D] at those positions (each
+    pair's value in both halves)."""
     h = tab.shape[0] // 2
-    cos, sin = tab[:h, :length].t(), tab[h:, :length].t()
-    return torch.cat((cos, cos), 1), torch.cat((sin, sin), 1)
+    cos, sin = tab[:h, positions].movedim(0, -1), tab[h:, positions].movedim(0, -1)
+    return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
 
 
 def read_dense(tensors: list[torch.Tensor], table: torch.Tensor, rows: torch.Tensor, length: int,
@@ -67,7 +68,7 @@ def read_dense(tensors: list[torch.Tensor], table: torch.Tensor, rows: torch.Ten
     values = kv_quant.dequantize(dense(v), meta[1], zv, kind)
     if kind == "int4":
         centers, sinks, tab = tensors[6], tensors[7], tensors[8]
-        cos, sin = rope_from_table(tab, length)
+        cos, sin = rope_at(tab, torch.arange(length, device=tab.device))
         keys = keys + kv_quant.rope_rotate(centers[rows][:, :, None], cos, sin)
         if length:
             sink = kv_quant.rotate(sinks[rows])  # [B, 2, KVH, D]

@@ -59,10 +59,9 @@ class BatchedLlama:
                        for layer in self.layers]
         # RoPE of every position, computed once (decode and prefill index it; int4's key centering rotates by it).
         self._cos, self._sin = (t[0, 0] for t in self._rope(torch.arange(max_model_len, device=self.device)[None]))
-        cos, sin = self._cos, self._sin
         self.cache = PagedKVCache(len(self.layers), max_num_seqs, self.num_kv_heads, self.head_dim,
                                   max_model_len, self.device, self.dtype, kv_cache_dtype, kv_cache_blocks,
-                                  kv_block_size, rope=(cos, sin) if kv_cache_dtype == "int4" else None)
+                                  kv_block_size, rope=(self._cos, self._sin) if kv_cache_dtype == "int4" else None)
         # The decode step in native code, one call per layer, where every layer allows it (else None and the
         # Python stages serve; kernels/native_decode.py says when it applies).
         self.head_threads = 0  # threads for the lm_head call (0: as set); the engine sets it (server/engine.py)

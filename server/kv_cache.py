@@ -17,7 +17,7 @@ handed out lowest first, so resident memory follows the most tokens live at once
 
 int4 keys are stored centered (kernels/kv_quant.py): each row has a per-layer key mean `centers[layer][row]`
 [kv_heads, head_dim] fp32, set from its first chunk (write at start 0), and the key at position p is stored as
-k - R(p) mu with R(p) from the RoPE tables `rope` (cos, sin [max_len, head_dim]; the identity without them);
+k - R(p) mu with R(p) from the RoPE tables `rope` (cos, sin [max_len, head_dim], kept as `rope_half`; the identity without them);
 read adds R(p) mu back. Position 0 of an int4 row (the first token: the attention sink, an outlier that draws
 much of the attention) is kept exact in `sinks[layer][row]` [2, kv_heads, head_dim] fp32 (k, v, Hadamard-rotated
 as the native code reads them), and read from there instead of the pool.
@@ -29,7 +29,7 @@ import heapq
 import torch
 
 from mamp.kernels import kv_quant
-from mamp.kernels.paged_attention import read_dense
+from mamp.kernels.paged_attention import read_dense, rope_at
 
 BLOCK_SIZE = 16
 KINDS = kv_quant.KINDS
@@ -118,8 +118,8 @@ class PagedKVCache:
             h = head_dim // 2
             if not (torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:])):
                 raise ValueError("rope tables must repeat one frequency per pair (i, i + head_dim / 2)")
-            self.rope_cos, self.rope_sin = cos, sin
-            self.rope_half = torch.cat((cos[:, :h], sin[:, :h]), 1).t().contiguous()  # the native layer's table
+            # [head_dim, max_len]: each pair's cosines, then its sines (what the native layer reads; rope_at)
+            self.rope_half = torch.cat((cos[:, :h], sin[:, :h]), 1).t().contiguous()
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -181,8 +181,8 @@ class PagedKVCache:
     def _key_offsets(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """R(p) mu of rows[b] at positions [b, t]: [B, kv_heads, T, head_dim] fp32 (int4's centered keys)."""
         mu = self.centers[layer][rows][:, :, None]  # [B, KVH, 1, D]
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, D]
-        return kv_quant.rope_rotate(mu, cos, sin)
+        cos, sin = rope_at(self.rope_half, positions)  # [B, T, D]
+        return kv_quant.rope_rotate(mu, cos[:, None], sin[:, None])
 
     def _store(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [N, kv_heads, head_dim] to (:, blocks[n], offsets[n])."""
@@ -203,8 +203,8 @@ class PagedKVCache:
         pos = torch.arange(start, start + k.shape[1], device=self.device)
         if self.centers:
             if start == 0:
-                t = k.shape[1]
-                self.centers[layer][row] = kv_quant.key_center(k, self.rope_cos[:t], self.rope_sin[:t])
+                cos, sin = rope_at(self.rope_half, pos)
+                self.centers[layer][row] = kv_quant.key_center(k, cos, sin)
                 self.sinks[layer][row, 0], self.sinks[layer][row, 1] = kv_quant.rotate(k[:, 0]), kv_quant.rotate(v[:, 0])
             rows = torch.tensor([row], device=self.device)
             k = (k.float() - self._key_offsets(layer, rows, pos[None])[0]).to(k.dtype)
