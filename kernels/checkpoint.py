@@ -70,6 +70,12 @@ class QuantizationConfig:
     bits_per_weight: float  # words + bitmap + both grids' scales and zeros, per weight of the quantized layers
     layers: Mapping[str, PackSpec] = field(default_factory=dict)  # full module name -> PackSpec
     calibration: Mapping[str, Any] = field(default_factory=dict)  # CALIBRATION_KEYS
+    # Made under a bit budget (quantizer/allocation.py): the budget in bits per weight, what it counted
+    # ("linears" or "model") and how the widths were chosen ("measured" or "rule"); `bits` is then the smallest
+    # width of the decoder's layers and each layer's own width is in `layers`. None for a uniform checkpoint.
+    budget: float | None = None
+    budget_scope: str | None = None
+    allocation: str | None = None
     quant_method: str = QUANT_METHOD
     format_version: int = FORMAT_VERSION
 

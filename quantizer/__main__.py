@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from mamp.quantizer.config import ASSIGNS, BITS, KEEP_DTYPES, METHODS, SALIENT_BITS, QuantSpec, SpecError
+from mamp.quantizer.config import (ALLOCATIONS, ASSIGNS, BITS, BUDGET_SCOPES, KEEP_DTYPES, MAX_BUDGET, METHODS,
+                                   SALIENT_BITS, QuantSpec, SpecError, parse_bits)
 
 DEFAULTS = QuantSpec.build()
 
@@ -25,7 +26,20 @@ def build_parser(prog: str = "python -m mamp.quantizer") -> argparse.ArgumentPar
     p.add_argument("model", help="local HF folder or hub id (Llama, Mistral, Qwen2, SmolLM)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     p.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
-    p.add_argument("--bits", type=int, choices=BITS, default=DEFAULTS.bits)
+    p.add_argument("--bits", default=str(DEFAULTS.bits),
+                   help=f"a width for every layer ({', '.join(map(str, BITS))}), or any other number up to {MAX_BUDGET}: "
+                        "a budget in bits per weight, met with per-layer widths (for example 3.0 or 2.5)")
+    p.add_argument("--budget-scope", choices=BUDGET_SCOPES, default=DEFAULTS.budget_scope,
+                   help="what a budget counts: the decoder's linear layers, or the whole file (embeddings, lm_head, "
+                        "norms too; the lm_head keeps --head-bits)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULTS.allocation,
+                   help="how a budget picks the widths: measured per-layer sensitivity (KL on calibration tokens), or "
+                        "a llama.cpp-like rule")
+    p.add_argument("--sensitivity", type=Path, default=None,
+                   help="sensitivity table (JSON): read it if the file exists, else measure and write it (reuse one "
+                        "across budgets)")
+    p.add_argument("--sensitivity-tokens", type=int, default=DEFAULTS.sensitivity_tokens,
+                   help="calibration tokens each unit's KL is measured on")
     p.add_argument("--salient-bits", type=int, choices=SALIENT_BITS, default=None,
                    help="width of a salient code, each the mean of salient_bits/bits weights (default: bits; "
                         "the paper's encoding is --bits 2 --salient-bits 8)")
@@ -66,7 +80,13 @@ def spec_from_args(a) -> QuantSpec:
     kw = {}
     if a.salient_fraction is not None:
         kw["salient_fraction"] = a.salient_fraction
-    return QuantSpec.build(method=a.method, bits=a.bits, salient_bits=a.salient_bits, top_k=a.top_k,
+    bits, budget = parse_bits(a.bits)
+    if budget is None and (a.sensitivity is not None or a.allocation != DEFAULTS.allocation
+                           or a.budget_scope != DEFAULTS.budget_scope):
+        raise SpecError("--allocation, --budget-scope and --sensitivity need a budget (--bits 3.0, for example)")
+    return QuantSpec.build(method=a.method, bits=bits, budget=budget, budget_scope=a.budget_scope,
+                     allocation=a.allocation, sensitivity_tokens=a.sensitivity_tokens,
+                     salient_bits=a.salient_bits, top_k=a.top_k,
                      group_size=a.group_size, salient_group_size=a.salient_group_size, mse_clip=not a.no_mse_clip,
                      true_sequential=not a.no_true_sequential, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                      seed=a.seed, assign=a.assign, keep_dtype=a.keep_dtype, refit=a.refit, head_bits=a.head_bits,
@@ -108,24 +128,90 @@ def run(a) -> int:
     windows = None
     if spec.method != "rtn":
         windows = calibration_windows(tok, spec.calib, spec.nsamples, spec.seqlen, spec.seed)
-    qm = quantize_model(model, spec, windows, device=a.device)
+    widths, extra = None, {}
+    if spec.budget is not None:
+        widths, extra = allocate_widths(model, spec, windows, a.sensitivity, a.device)
+    qm = quantize_model(model, spec, windows, device=a.device, widths=widths)
     summary = summarize(qm, seconds=time.time() - t0)
     summary["model"] = a.model
+    if spec.budget is not None:
+        from mamp.quantizer.allocation import describe
+        from mamp.quantizer.sensitivity import model_kl
+
+        summary["widths"] = describe(extra["units"], widths)
+        summary["layer_widths"] = {f"{li}.{st}": w for (li, st), w in widths.items()}
+        summary["predicted_kl"] = extra.get("predicted")
+        summary["measured_kl"] = model_kl(model, extra["ev"], extra["ref"], a.device)
+        summary["kl_tokens"] = int(extra["ev"].numel())
     save_quantized(qm, tok, a.out, overwrite=a.overwrite, report=summary)
     print(format_summary(summary))
     print(f"wrote {a.out}")
     return 0
 
 
+def allocate_widths(model, spec: QuantSpec, windows, sensitivity_path: Path | None, device):
+    """Per-unit widths under spec.budget: (widths, {units, ev, ref, predicted}) where ev/ref are the calibration
+    windows and float log-probs the finished model's KL is measured on."""
+    import torch
+
+    from mamp.quantizer.allocation import BudgetError, allocate, check_budget, rule_allocation
+    from mamp.quantizer.pipeline import units_of
+    from mamp.quantizer.report import fixed_bits
+    from mamp.quantizer.sensitivity import Sensitivity, eval_windows, format_table, log_probs, measure_sensitivity
+
+    units = units_of(model)
+    budget = spec.budget
+    if spec.budget_scope == "model":  # what the linears may use once everything else is stored
+        linear = sum(u.weights for u in units)
+        names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                 and n.startswith("model.layers.")}
+        other_bits, other = fixed_bits(model, spec, names)
+        budget = (spec.budget * (linear + other) - other_bits) / linear
+        if budget <= 0:
+            raise BudgetError(f"a budget of {spec.budget:g} bits per weight over the whole model leaves nothing for "
+                              f"the linear layers (the rest takes {other_bits / (linear + other):.4f})")
+        try:
+            check_budget(units, budget)
+        except BudgetError:
+            least = (sum(u.stored_bits(min(BITS)) for u in units) + other_bits) / (linear + other)
+            raise BudgetError(f"a budget of {spec.budget:g} bits per weight over the whole model is below the "
+                              f"smallest it can be stored in ({least:.4f}: every layer at {min(BITS)} bits)") from None
+    check_budget(units, budget)
+    if windows is None:
+        raise SpecError("a bit budget needs calibration data (not --method rtn)")
+    extra = {"units": units}
+    if spec.allocation == "rule":
+        widths = rule_allocation(units, budget)
+        extra["ev"] = eval_windows(windows, spec.sensitivity_tokens)
+        extra["ref"] = log_probs(model, extra["ev"], device)
+        return widths, extra
+    if sensitivity_path is not None and sensitivity_path.exists():
+        table = Sensitivity.load(sensitivity_path, units)
+        print(f"sensitivity: read {sensitivity_path}")
+        extra["ev"] = eval_windows(windows, spec.sensitivity_tokens)
+        extra["ref"] = log_probs(model, extra["ev"], device)
+    else:
+        table, extra["ev"], extra["ref"] = measure_sensitivity(model, spec, windows, device)
+        print(format_table(table))
+        print(f"sensitivity: {table.seconds:.0f} s")
+        if sensitivity_path is not None:
+            table.save(sensitivity_path)
+            print(f"sensitivity: wrote {sensitivity_path}")
+    widths = allocate(units, table.error, budget)
+    extra["predicted"] = table.predicted(widths)
+    return widths, extra
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m mamp.quantizer") -> int:
     from mamp.quantizer.calibration import CalibrationError
     from mamp.kernels.checkpoint import CheckpointError
+    from mamp.quantizer.allocation import BudgetError
     from mamp.quantizer.pipeline import UnsupportedModel
 
     try:
         args = build_parser(prog).parse_args(argv)
         return run(args)
-    except (UsageError, SpecError, CalibrationError, CheckpointError, UnsupportedModel, OSError) as e:
+    except (UsageError, SpecError, BudgetError, CalibrationError, CheckpointError, UnsupportedModel, OSError) as e:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2

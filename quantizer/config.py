@@ -7,12 +7,17 @@ dtypes).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from mamp.kernels.checkpoint import ASSIGNS, KEEP_DTYPES, METHODS
 from mamp.kernels.packing import BITS, SALIENT_BITS
 
-__all__ = ["ASSIGNS", "BITS", "KEEP_DTYPES", "METHODS", "SALIENT_BITS", "QuantSpec", "SpecError"]
+__all__ = ["ALLOCATIONS", "ASSIGNS", "BITS", "BUDGET_SCOPES", "KEEP_DTYPES", "MAX_BUDGET", "METHODS", "SALIENT_BITS",
+           "QuantSpec", "SpecError", "parse_bits"]
+# --bits BUDGET: per-layer widths chosen under a budget in bits per weight (quantizer/allocation.py).
+BUDGET_SCOPES = ("linears", "model")  # what the budget counts: the decoder's linear layers, or the whole file
+ALLOCATIONS = ("measured", "rule")  # measured sensitivity (quantizer/sensitivity.py) or a llama.cpp-like rule
+MAX_BUDGET = 8.5
 # Default salient-code width per base width, chosen by measurement (benchmarks/quality.py, SmolLM2-135M, reference
 # protocol): h = b, i.e. salient groups keep full resolution on a grid of their own. The paper's mean-of-4 8-bit
 # codes (h = 8 at b = 2) lose to plain GPTQ by orders of magnitude there; it stays available as --salient-bits 8.
@@ -63,6 +68,13 @@ class QuantSpec:
     # serves the embedding lookup as well): 0 keeps it in keep_dtype; 8 or 4 bits (h = b). build() defaults to
     # DEFAULT_HEAD_BITS for mamp and 0 for the baselines (as GPTQ is usually reported).
     head_bits: int = 0
+    # A budget in bits per weight (None: every layer at `bits`): each unit (a layer's q/k/v, o, gate/up or down)
+    # gets its own width from BITS, chosen by `allocation` so that the stored bits never exceed the budget;
+    # `bits` is then the smallest width and every width takes its own salient defaults (h = b).
+    budget: float | None = None
+    budget_scope: str = "linears"
+    allocation: str = "measured"
+    sensitivity_tokens: int = 1024  # calibration tokens the measured allocation scores each unit's KL on
     calib: str = "c4"  # a text file or "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -71,7 +83,8 @@ class QuantSpec:
     @classmethod
     def build(cls, method: str = "mamp", bits: int = 2, salient_bits: int | None = None,
               salient_fraction: float | None = None, top_k: int | None = None, assign: str | None = None,
-              refit: bool | None = None, head_bits: int | None = None, **rest) -> "QuantSpec":
+              refit: bool | None = None, head_bits: int | None = None, budget: float | None = None,
+              **rest) -> "QuantSpec":
         """A QuantSpec with the defaults that depend on the others filled in: salient_bits
         DEFAULT_SALIENT_BITS[bits] (mamp) or bits (baselines); salient_fraction DEFAULT_SALIENT_FRACTION[bits];
         assign "error" for mamp with salient groups and equal group sizes (measured best), else "saliency";
@@ -81,6 +94,11 @@ class QuantSpec:
             raise SpecError(f"method must be one of {METHODS}, got {method!r}")
         if bits not in BITS:
             raise SpecError(f"bits must be one of {BITS}, got {bits}")
+        if budget is not None:
+            if salient_bits is not None or salient_fraction is not None or top_k is not None:
+                raise SpecError("a bit budget gives every width its own salient defaults: drop --salient-bits, "
+                                "--salient-fraction and --top-k")
+            bits = min(BITS)
         if salient_bits is None:
             salient_bits = DEFAULT_SALIENT_BITS[bits] if method == "mamp" else bits
         if salient_fraction is None:
@@ -96,7 +114,7 @@ class QuantSpec:
             equal_groups = rest.get("group_size", 128) == rest.get("salient_group_size", 128)
             assign = "error" if method == "mamp" and uses_salient and equal_groups else "saliency"
         return cls(method=method, bits=bits, salient_bits=salient_bits, salient_fraction=salient_fraction,
-                   top_k=top_k, assign=assign, refit=refit, head_bits=head_bits, **rest)
+                   top_k=top_k, assign=assign, refit=refit, head_bits=head_bits, budget=budget, **rest)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -133,6 +151,17 @@ class QuantSpec:
             raise SpecError(f"block size must be a positive multiple of 16, got {self.block_size}")
         if not 0.0 < self.percdamp < 1.0:
             raise SpecError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        if self.budget is not None:
+            if not 0 < self.budget <= MAX_BUDGET:
+                raise SpecError(f"budget must be above 0 and at most {MAX_BUDGET} bits per weight, got {self.budget}")
+            if self.bits != min(BITS):
+                raise SpecError(f"with a budget, bits is the smallest width ({min(BITS)}), got {self.bits}")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise SpecError(f"budget scope must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise SpecError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.sensitivity_tokens < 16:
+            raise SpecError(f"sensitivity tokens must be >= 16, got {self.sensitivity_tokens}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise SpecError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
 
@@ -147,10 +176,39 @@ class QuantSpec:
         k = self.top_k if self.top_k is not None else round(self.salient_fraction * out_features)
         return max(0, min(int(k), out_features))
 
+    def at_bits(self, bits: int) -> "QuantSpec":
+        """The settings one unit of a budgeted model is quantized with: width `bits` with that width's salient
+        defaults. Without a budget, the spec itself (every unit at spec.bits)."""
+        if self.budget is None:
+            if bits != self.bits:
+                raise SpecError(f"a uniform spec quantizes at {self.bits} bits, not {bits}")
+            return self
+        frac = DEFAULT_SALIENT_FRACTION[bits] if self.method == "mamp" else 0.0
+        return replace(self, bits=bits, salient_bits=DEFAULT_SALIENT_BITS[bits] if self.method == "mamp" else bits,
+                       salient_fraction=frac, budget=None)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
         names = {f.name for f in fields(cls)}
+        if d.get("budget") is not None:  # the per-width salient settings follow from the budget
+            names -= {"bits", "salient_bits", "salient_fraction", "top_k"}
         return cls.build(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_bits(text: str) -> tuple[int, float | None]:
+    """--bits: an integer width from BITS ("2", "4", "8": every layer at that width) or any other number, a
+    budget in bits per weight ("3", "2.5", "4.0"): (bits, None) or (smallest width, budget)."""
+    t = str(text).strip()
+    if t in {str(b) for b in BITS}:
+        return int(t), None
+    try:
+        budget = float(t)
+    except ValueError:
+        raise SpecError(f"--bits takes a width ({', '.join(map(str, BITS))}) or a budget in bits per weight "
+                        f"(for example 3.0), got {text!r}") from None
+    if not 0 < budget <= MAX_BUDGET:  # also nan and inf
+        raise SpecError(f"a bit budget must be above 0 and at most {MAX_BUDGET} bits per weight, got {text}")
+    return min(BITS), budget

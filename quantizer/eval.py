@@ -44,7 +44,9 @@ def load_any(path: str, device="cpu", verify: bool = True):
         model, tok = load_checkpoint(path, device=device, verify=verify)
         if tok is None:
             raise CheckpointError(f"{path} has no tokenizer files; scoring text needs one")
-        desc = (f"mamp checkpoint: method {q.method}, {q.bits}-bit, salient bits {q.salient_bits}, "
+        widths = f"{q.bits}-bit" if q.budget is None else \
+            f"budget {q.budget:g} bits/weight ({q.allocation} widths {'/'.join(map(str, sorted({s.bits for s in q.layers.values()})))})"
+        desc = (f"mamp checkpoint: method {q.method}, {widths}, salient bits {q.salient_bits}, "
                 f"salient groups {100 * q.salient_group_fraction:.2f}%, {q.bits_per_weight:.4f} bits per weight")
         return model, tok, desc
     model, tok = load_plain_hf(path, device, torch.float32)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from mamp.kernels.checkpoint import CALIBRATION_KEYS, QuantizationConfig, packed_tensor_names, save_checkpoint
+from mamp.quantizer.pipeline import HEAD_NAME
 
 
 def quantization_config(qm) -> QuantizationConfig:
@@ -17,14 +18,19 @@ def quantization_config(qm) -> QuantizationConfig:
     weights = sum(p.spec.in_features * p.spec.out_features for p in qm.packed.values())
     sal = sum(s.salient_groups for s in qm.stats)
     groups = sum(s.groups for s in qm.stats)
+    bits, salient_bits, budget = spec.bits, spec.salient_bits, {}
+    if spec.budget is not None:  # the smallest width the decoder uses, with its own salient width (h = b)
+        bits = min(s.bits for s in qm.stats if s.name != HEAD_NAME)
+        salient_bits = spec.at_bits(bits).salient_bits
+        budget = dict(budget=spec.budget, budget_scope=spec.budget_scope, allocation=spec.allocation)
     return QuantizationConfig(
-        method=spec.method, bits=spec.bits, salient_bits=spec.salient_bits, group_size=spec.group_size,
+        method=spec.method, bits=bits, salient_bits=salient_bits, group_size=spec.group_size,
         salient_group_size=spec.salient_group_size, salient_fraction=spec.salient_fraction, top_k=spec.top_k,
         assign=spec.assign, refit=spec.refit, keep_dtype=spec.keep_dtype,
         salient_group_fraction=sal / groups if groups else 0.0,
         bits_per_weight=stored / weights if weights else 0.0,
         layers={name: p.spec for name, p in qm.packed.items()},
-        calibration={k: getattr(spec, k) for k in CALIBRATION_KEYS},
+        calibration={k: getattr(spec, k) for k in CALIBRATION_KEYS}, **budget,
     )
 
 

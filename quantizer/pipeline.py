@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mamp.kernels.llama_block import LlamaBlock
 from mamp.kernels.packing import PackedWeight, PackSpec
+from mamp.quantizer.allocation import STAGE_KEYS, Unit
 from mamp.quantizer.config import QuantSpec
 from mamp.quantizer.saliency import group_saliency, top_k_mask
 from mamp.quantizer.solver import hinv_diagonal, solve
@@ -27,6 +28,7 @@ OUT = ("self_attn.o_proj",)
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 DOWN = ("mlp.down_proj",)
 STAGES = (ATTN, OUT, GATE_UP, DOWN)  # quantization order
+STAGE_KEY = dict(zip(STAGES, STAGE_KEYS))  # names -> the allocation unit's stage ("qkv", "o", "gate_up", "down")
 LINEARS = ATTN + OUT + GATE_UP + DOWN
 LAYERS_PATH = "model.layers"
 
@@ -42,6 +44,7 @@ class LinearStats:
     salient_groups: int
     groups: int
     seconds: float
+    bits: int = 0
 
 
 @dataclass
@@ -167,10 +170,9 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, device) -> tuple[tor
     return torch.stack(inps), kw
 
 
-def quantize_linears(layer: nn.Module, names: tuple[str, ...], hessian: torch.Tensor | None, spec: QuantSpec
-                     ) -> dict[str, tuple[PackedWeight, int]]:
-    """Quantize linears sharing one input (and one Hessian) together; replace their weights by the dequantized
-    ones. Returns name -> (packed, salient groups)."""
+def solve_unit(layer: nn.Module, names: tuple[str, ...], hessian: torch.Tensor | None, spec: QuantSpec):
+    """Quantize linears sharing one input (and one Hessian) together, leaving the layer as it is: the solver's
+    result for their rows stacked (SolverResult) and the PackSpec of the stack."""
     mods = [layer.get_submodule(n) for n in names]
     k = mods[0].in_features
     weights = [m.weight.detach().float() for m in mods]
@@ -185,12 +187,20 @@ def quantize_linears(layer: nn.Module, names: tuple[str, ...], hessian: torch.Te
             masks.append(top_k_mask(group_saliency(w, hdiag), kk))
         else:
             masks.append(torch.zeros(w.shape[0], pspec.n_groups, dtype=torch.bool, device=w.device))
-    res = solve(torch.cat(weights), hessian, pspec, torch.cat(masks), percdamp=spec.percdamp,
-                block_size=spec.block_size, mse_clip=spec.mse_clip, assign=spec.assign, refit=spec.refit)
+    return solve(torch.cat(weights), hessian, pspec, torch.cat(masks), percdamp=spec.percdamp,
+                 block_size=spec.block_size, mse_clip=spec.mse_clip, assign=spec.assign, refit=spec.refit)
+
+
+def quantize_linears(layer: nn.Module, names: tuple[str, ...], hessian: torch.Tensor | None, spec: QuantSpec
+                     ) -> dict[str, tuple[PackedWeight, int]]:
+    """Quantize linears sharing one input (and one Hessian) together; replace their weights by the dequantized
+    ones. Returns name -> (packed, salient groups)."""
+    res = solve_unit(layer, names, hessian, spec)
     out, row = {}, 0
-    for name, m in zip(names, mods):
+    for name in names:
+        m = layer.get_submodule(name)
         n = m.out_features
-        sub = PackSpec(k, n, bits=spec.bits, salient_bits=spec.salient_bits, group_size=spec.group_size,
+        sub = PackSpec(m.in_features, n, bits=spec.bits, salient_bits=spec.salient_bits, group_size=spec.group_size,
                        salient_group_size=spec.salient_group_size)
         tensors = {t: v[:, row:row + n].contiguous() for t, v in res.packed.tensors().items()}
         m.weight.data.copy_(res.weight[row:row + n].to(m.weight.dtype))
@@ -199,15 +209,29 @@ def quantize_linears(layer: nn.Module, names: tuple[str, ...], hessian: torch.Te
     return out
 
 
+def units_of(model: nn.Module) -> list[Unit]:
+    """The allocation units of a (checked) model: per decoder layer q/k/v, o, gate/up, down."""
+    out = []
+    for li, layer in enumerate(decoder_layers(model)):
+        for names in STAGES:
+            mods = [layer.get_submodule(n) for n in names]
+            out.append(Unit(li, STAGE_KEY[names], tuple((m.in_features, m.out_features) for m in mods)))
+    return out
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | None, device="cpu",
-                   progress: bool = True) -> QuantizedModel:
+                   progress: bool = True, widths: dict[tuple[int, str], int] | None = None) -> QuantizedModel:
     """Quantize every linear of every decoder layer in place (fake-quant) and return the packed layers.
 
     windows: [nsamples, seqlen] calibration token ids (unused, may be None, for rtn).
+    widths: (layer, stage) -> width for each unit (quantizer/allocation.py), needed when spec has a budget;
+    each unit is then quantized with spec.at_bits(width).
     """
     t0 = time.time()
     check_model(model)
+    if spec.budget is not None and widths is None:
+        raise ValueError("a budgeted spec needs the widths of its units (quantizer.allocation)")
     model.eval()
     layers = decoder_layers(model)
     result = QuantizedModel(model=model, spec=spec, packed={}, biases={})
@@ -217,18 +241,21 @@ def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | No
             raise ValueError(f"method {spec.method} needs calibration windows")
         model.to(device)
         x, kw = capture_inputs(model, windows, device)
-    bar = tqdm(total=len(layers), desc=f"{spec.method} {spec.bits}-bit", unit="layer", disable=not progress)
+    what = f"{spec.budget:g} bits/weight" if spec.budget is not None else f"{spec.bits}-bit"
+    bar = tqdm(total=len(layers), desc=f"{spec.method} {what}", unit="layer", disable=not progress)
     for li, layer in enumerate(layers):
         done: dict[str, tuple[PackedWeight, int]] = {}
 
         def quantize(names, hess):
             t1 = time.time()
             bar.set_postfix_str(f"layer {li} {'/'.join(n.split('.')[-1] for n in names)}")
-            got = quantize_linears(layer, names, hess, spec)
+            unit_spec = spec if widths is None else spec.at_bits(widths[(li, STAGE_KEY[names])])
+            got = quantize_linears(layer, names, hess, unit_spec)
             dt = (time.time() - t1) / len(names)
             for n, (p, sal) in got.items():
                 done[n] = (p, sal)
-                result.stats.append(LinearStats(li, n, sal, p.spec.n_groups * p.spec.out_features, dt))
+                result.stats.append(LinearStats(li, n, sal, p.spec.n_groups * p.spec.out_features, dt,
+                                                unit_spec.bits))
 
         if not calibrate:
             for names in STAGES:
@@ -251,7 +278,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, windows: torch.Tensor | No
         result.packed[HEAD_NAME] = p
         result.biases[HEAD_NAME] = None
         result.stats.append(LinearStats(len(layers), HEAD_NAME, 0, p.spec.n_groups * p.spec.out_features,
-                                        time.time() - t1))
+                                        time.time() - t1, spec.head_bits))
     round_untouched(model, result.packed, getattr(torch, spec.keep_dtype))
     result.seconds = time.time() - t0
     return result

@@ -105,7 +105,7 @@ def test_too_little_calibration_text(assets, tmp_path, capsys):
     (["--top-k", "3", "--salient-fraction", "0.1"], "not both"),
     (["--salient-fraction", "1.5"], "salient fraction must be in [0, 1]"),
     (["--group-size", "20"], "group size must be a positive multiple of 16"),
-    (["--bits", "3"], "invalid choice"),
+    (["--bits", "3x"], "--bits takes a width"),
     (["--nsamples", "0"], "nsamples"),
     (["--assign", "error", "--salient-group-size", "64"], "same group size for both grids"),
     (["--assign", "error", "--salient-fraction", "0"], "starts from the saliency mask"),
