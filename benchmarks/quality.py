@@ -59,7 +59,17 @@ CONFIGS: dict[str, dict | None] = {
     "mamp-b4-h4-25%": dict(method="mamp", assign="saliency", refit=False, bits=4, salient_bits=4, salient_fraction=0.25),
     "gptq-b4-refit": dict(method="gptq", bits=4, refit=True),
     "mamp-b4": dict(method="mamp", bits=4),  # the defaults
+    "mamp-b8": dict(method="mamp", bits=8),
+    "gptq-b8": dict(method="gptq", bits=8),
+    "rtn-b8": dict(method="rtn", bits=8),
 }
+# Bit budgets (issue 17): per-layer widths by measured sensitivity (one table per protocol, measured by the first
+# budget run and reused), and the llama.cpp-like rule at two budgets for comparison.
+BUDGETS = (2.25, 2.5, 3.0, 3.5, 4.5, 5.5, 6.5, 8.5)
+CONFIGS.update({f"mamp-{b}": dict(method="mamp", budget=b) for b in BUDGETS})
+CONFIGS.update({f"rule-{b}": dict(method="mamp", budget=b, allocation="rule") for b in (3.0, 4.5, 6.5)})
+CURVE_SET = (["float"] + [f"{m}-b{b}" for m in ("gptq", "rtn") for b in (2, 4, 8)] + [f"mamp-{b}" for b in BUDGETS]
+             + [f"rule-{b}" for b in (3.0, 4.5, 6.5)])
 FULL_SET = ["float", "gptq-b2", "paper-b2-h8-5%", "mamp-b2", "gptq-b4", "mamp-b4"]
 
 
@@ -84,8 +94,20 @@ def run_single(model_dir: str, name: str, overrides: dict | None, protocol: str,
         spec = QuantSpec.build(calib=str(CALIB), nsamples=proto["nsamples"], seqlen=proto["seqlen"], **overrides)
         t0 = time.time()
         windows = None if spec.method == "rtn" else calibration_windows(tok, spec.calib, spec.nsamples, spec.seqlen, spec.seed)
-        qm = quantize_model(model, spec, windows, progress=False)
+        widths = None
+        if spec.budget is not None:  # the quantizer CLI's own allocation, the sensitivity table shared per protocol
+            from mamp.quantizer.__main__ import allocate_widths
+            sens = ROOT / "benchmarks" / "results" / f"sensitivity-{Path(model_dir).name}-{protocol}.json"
+            widths, extra = allocate_widths(model, spec, windows, sens, "cpu")
+            row["widths"] = {f"{li}.{st}": w for (li, st), w in widths.items()}
+            row["predicted_kl"] = extra.get("predicted")
+        qm = quantize_model(model, spec, windows, progress=False, widths=widths)
         s = summarize(qm, seconds=time.time() - t0)
+        if spec.budget is not None:
+            from mamp.quantizer.sensitivity import model_kl
+            row["measured_kl"] = model_kl(model, extra["ev"], extra["ref"], "cpu")
+        row.update(decoder_bits_per_weight=s["decoder_bits_per_weight"],
+                   model_bits_per_weight=8 * s["model_bytes"] / s["model_weights"])
         row.update(spec=spec.to_dict(), bits_per_weight=s["bits_per_weight"], quant_seconds=s["seconds"],
                    quantized_bytes=s["quantized_bytes"], quantized_bytes_bf16=s["quantized_bytes_bf16"],
                    model_bytes=s["model_bytes"], model_bytes_bf16=s["model_bytes_bf16"],
@@ -112,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="reference")
     p.add_argument("--only", nargs="*", default=None, help=f"config names (default: all; full protocol: {FULL_SET})")
+    p.add_argument("--curve", action="store_true", help="the bits-vs-quality curve's configs (issue 17)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.md")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
@@ -121,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.extra:
         configs.update(json.loads(a.extra))
     if a.single:
-        print("RESULT " + json.dumps(run_single(a.model, a.single, configs[a.single], a.protocol, a.threads)))
+        from mamp.quantizer.allocation import BudgetError
+        try:
+            row = run_single(a.model, a.single, configs[a.single], a.protocol, a.threads)
+        except BudgetError as e:  # a budget below what the model can be stored in: say so, no row
+            row = {"name": a.single, "error": str(e)}
+        print("RESULT " + json.dumps(row))
         return 0
     if not Path(a.model).exists() or not TEST.exists():
         print(f"skip: need {a.model} and {TEST}", file=sys.stderr)
         return 0
-    names = a.only or (FULL_SET if a.protocol == "full" else list(configs))
+    names = a.only or (CURVE_SET if a.curve else FULL_SET if a.protocol == "full" else list(configs))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = a.out.with_suffix(".jsonl")
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
@@ -139,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         row = json.loads(lines[-1][7:])
+        if "error" in row:
+            print(f"{name}: {row['error']}", flush=True)
+            continue
         rows.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -165,7 +165,10 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, device) -> tuple[tor
         inps.append((args[0] if args else kwargs.pop("hidden_states"))[0])
         if kw is None:
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            kw["past_key_values"] = None
+            # No cache: newer transformers name it `cache` (and warn when the old name is passed too).
+            kw["cache" if "cache" in kw else "past_key_values"] = None
+            if "cache" in kw:
+                kw.pop("past_key_values", None)
             kw["use_cache"] = False
     return torch.stack(inps), kw
 

@@ -103,3 +103,37 @@ def test_packed_head_checkpoint_serves_like_its_hf_forward(start_server, tiny_ll
     text = httpx.get(server.url + "/metrics").text
     kernels = kernel_layers(text)
     assert kernels == {"cpu-int8": 15.0}  # 14 decoder linears + the lm_head
+
+
+def test_mixed_width_checkpoint_serves_like_its_hf_forward(start_server, tiny_llama_dir, tmp_path_factory):
+    """A checkpoint made under a bit budget holds 2-, 4- and 8-bit layers side by side: it loads, every layer
+    keeps its own width, and the server generates what the loaded model's HF forward gives."""
+    from transformers import AutoTokenizer
+
+    from mamp.kernels.packed_linear import PackedLinear
+    from mamp.quantizer.allocation import stored_bits
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import quantize_model, units_of
+    from mamp.server.model_loader import load_for_serving
+
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama(128, tie=True)
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    units = units_of(model)
+    widths = {u.key: (2, 4, 8)[i % 3] for i, u in enumerate(units)}
+    budget = stored_bits(units, widths) / sum(u.weights for u in units)
+    spec = QuantSpec.build(budget=budget, group_size=64, salient_group_size=64)
+    windows = torch.randint(3, 503, (4, 32), generator=torch.Generator().manual_seed(1))
+    out = tmp_path_factory.mktemp("tiny-mixed") / "ckpt"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    save_quantized(quantize_model(model, spec, windows, progress=False, widths=widths), tok, out)
+    loaded, tok, info = load_for_serving(out, "cpu", "float32")
+    got = {(int(n.split(".")[2]), n.split(".")[-1]): m.spec.bits for n, m in loaded.named_modules()
+           if isinstance(m, PackedLinear) and n.startswith("model.layers.")}
+    stage = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
+             "up_proj": "gate_up", "down_proj": "down"}
+    assert got == {(li, name): widths[(li, stage[name])] for li, name in got} and set(got.values()) == {2, 4, 8}
+    server = start_server(model=str(out), served_model_name="tiny-mixed")
+    assert_serves_like_hf(server, "tiny-mixed", loaded, tok)
