@@ -60,6 +60,10 @@ CONFIGS: dict[str, dict | None] = {
     "gptq-b4-refit": dict(method="gptq", bits=4, refit=True),
     "mamp-b4": dict(method="mamp", bits=4),  # the defaults
     "mamp-b8": dict(method="mamp", bits=8),
+    "mamp-b4-sink64": dict(method="mamp", bits=4, sink_weight=64.0),
+    "mamp-b4-sink512": dict(method="mamp", bits=4, sink_weight=512.0),
+    "mamp-b2-sink512": dict(method="mamp", bits=2, sink_weight=512.0),
+    "gptq-b4-sink512": dict(method="gptq", bits=4, sink_weight=512.0),
     "gptq-b8": dict(method="gptq", bits=8),
     "rtn-b8": dict(method="rtn", bits=8),
 }

@@ -44,7 +44,8 @@ METHODS = ("mamp", "gptq", "rtn")
 ASSIGNS = ("saliency", "error")  # how groups are given to the salient grid: see quantizer/solver.py
 KEEP_DTYPES = ("bfloat16", "float16", "float32")  # storage of the tensors left unquantized
 # How the checkpoint was made (not needed to read it): kept in quantization_config.calibration.
-CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed", "percdamp", "block_size", "mse_clip", "true_sequential")
+CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed", "percdamp", "block_size", "mse_clip", "true_sequential",
+                    "sink_weight")
 
 
 class CheckpointError(ValueError):

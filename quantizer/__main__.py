@@ -58,6 +58,9 @@ def build_parser(prog: str = "python -m mamp.quantizer") -> argparse.ArgumentPar
                    help="pack the lm_head too at this width (round-to-nearest with clipping; a tied embedding reads "
                         "the same packed copy); 0 keeps it in --keep-dtype (default: 8 for mamp, 0 for gptq/rtn)")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration text file, or c4")
+    p.add_argument("--sink-weight", type=float, default=None,
+                   help="weight of each calibration window's first token (the attention sink) in the Hessians, "
+                        "against 1 for the others (default: --seqlen for mamp, 1 for gptq/rtn)")
     p.add_argument("--nsamples", type=int, default=DEFAULTS.nsamples)
     p.add_argument("--seqlen", type=int, default=DEFAULTS.seqlen)
     p.add_argument("--group-size", type=int, default=DEFAULTS.group_size)
@@ -90,7 +93,7 @@ def spec_from_args(a) -> QuantSpec:
                      group_size=a.group_size, salient_group_size=a.salient_group_size, mse_clip=not a.no_mse_clip,
                      true_sequential=not a.no_true_sequential, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
                      seed=a.seed, assign=a.assign, keep_dtype=a.keep_dtype, refit=a.refit, head_bits=a.head_bits,
-                     **kw)
+                     sink_weight=a.sink_weight, **kw)
 
 
 def run(a) -> int:

@@ -106,18 +106,31 @@ def check_model(model: nn.Module) -> None:
 
 
 class HessianAccumulator:
-    """Running H = 2 X X^T / n over the rows of the inputs seen so far (float32, [K, K])."""
+    """Running H = 2 X^T W X / sum(W) over the rows of the inputs seen so far (float32, [K, K]); every row weighs 1
+    except the first position of each window [B, T, K], which weighs `sink_weight` (QuantSpec.sink_weight: the
+    first token is the attention sink that every later token reads, so its errors reach the whole window)."""
 
-    def __init__(self, k: int, device) -> None:
+    def __init__(self, k: int, device, sink_weight: float = 1.0) -> None:
         self.h = torch.zeros(k, k, device=device)
-        self.n = 0
+        self.n = 0.0
+        self.sink_weight = float(sink_weight)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        t = x.shape[0]
+        x = x.float()
+        if self.sink_weight != 1.0 and x.dim() == 3:
+            w = torch.ones(x.shape[:2], device=x.device)
+            w[:, 0] = self.sink_weight
+            w = w.reshape(-1, 1)
+        else:
+            w = None
+        x = x.reshape(-1, x.shape[-1])
+        t = float(w.sum()) if w is not None else x.shape[0]
         self.h *= self.n / (self.n + t)
         self.n += t
         x = x * math.sqrt(2 / self.n)
+        if w is not None:
+            self.h.addmm_((x * w).t(), x)
+            return
         self.h.addmm_(x.t(), x)
 
 
@@ -315,8 +328,8 @@ def round_untouched(model: nn.Module, packed: dict, dtype: torch.dtype) -> None:
             p.data.copy_(p.data.to(dtype))
 
 
-def _hessians(fn_inputs, n, k, device) -> torch.Tensor:
-    acc = HessianAccumulator(k, device)
+def _hessians(fn_inputs, n, k, device, sink_weight: float = 1.0) -> torch.Tensor:
+    acc = HessianAccumulator(k, device, sink_weight)
     for s in range(n):
         acc.add(fn_inputs(s))
     return acc.h
@@ -328,7 +341,7 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
     d = x.shape[-1]
     lay = st.layer
     if not spec.true_sequential:  # all Hessians from the unquantized layer, then quantize everything
-        hs = [HessianAccumulator(lay.get_submodule(s[0]).in_features, dev) for s in STAGES]
+        hs = [HessianAccumulator(lay.get_submodule(s[0]).in_features, dev, spec.sink_weight) for s in STAGES]
         for s in range(n):
             for acc, inp in zip(hs, st.linear_inputs(x[s:s + 1])):
                 acc.add(inp)
@@ -338,16 +351,16 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
         for s in range(n):
             x[s:s + 1] = st.linear_inputs(x[s:s + 1])[-1]
         return x
-    quantize(ATTN, _hessians(lambda s: st.attn_in(x[s:s + 1]), n, d, dev))
+    quantize(ATTN, _hessians(lambda s: st.attn_in(x[s:s + 1]), n, d, dev, spec.sink_weight))
     core = torch.empty_like(x[..., :lay.self_attn.o_proj.in_features])
-    acc = HessianAccumulator(core.shape[-1], dev)
+    acc = HessianAccumulator(core.shape[-1], dev, spec.sink_weight)
     for s in range(n):
         core[s:s + 1] = st.attn_core(x[s:s + 1])
         acc.add(core[s:s + 1])
     quantize(OUT, acc.h)
     del acc
     mid = core if core.shape[-1] == d else torch.empty_like(x)  # reuse the buffer when widths agree
-    acc = HessianAccumulator(d, dev)
+    acc = HessianAccumulator(d, dev, spec.sink_weight)
     for s in range(n):
         mid[s:s + 1] = st.mid(x[s:s + 1], core[s:s + 1])
         acc.add(st.mlp_in(mid[s:s + 1]))
@@ -355,7 +368,7 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
     quantize(GATE_UP, acc.h)
     ffn = lay.mlp.down_proj.in_features
     act = torch.empty(*x.shape[:-1], ffn, device=dev, dtype=x.dtype)
-    acc = HessianAccumulator(ffn, dev)
+    acc = HessianAccumulator(ffn, dev, spec.sink_weight)
     for s in range(n):
         act[s:s + 1] = st.mlp_act(st.mlp_in(mid[s:s + 1]))
         acc.add(act[s:s + 1])

@@ -160,6 +160,25 @@ def test_true_sequential_sees_quantized_inputs(monkeypatch):
     assert (h_seq - h_par).abs().max() > 1e-3 * h_par.abs().max()  # the quantized q, k, v changed it
 
 
+def test_hessian_weights_each_window_first_token():
+    """H = 2 X^T W X / sum(W), W = 1 but sink_weight on the first token of each window, accumulated window by
+    window (and a [T, K] input carries no window structure: plain rows)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 7, 5, generator=g) for _ in range(3)]
+    rows = torch.cat([x.reshape(-1, 5) for x in xs])
+    plain, sink = HessianAccumulator(5, "cpu"), HessianAccumulator(5, "cpu", sink_weight=4.0)
+    for x in xs:
+        plain.add(x)
+        sink.add(x)
+    torch.testing.assert_close(plain.h, 2 * rows.t() @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+    w = torch.ones(rows.shape[0])
+    w[::7] = 4.0
+    torch.testing.assert_close(sink.h, 2 * (rows * w[:, None]).t() @ rows / w.sum(), rtol=1e-5, atol=1e-6)
+    flat = HessianAccumulator(5, "cpu", sink_weight=4.0)
+    flat.add(rows)
+    torch.testing.assert_close(flat.h, plain.h, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not STORIES.exists(), reason="shared stories260K absent")
 def test_stories260k_cli_end_to_end(tmp_path, capsys):
     """The real tiny Llama (FFN 172: padded K) through the CLI, then load_checkpoint and the evaluator."""
