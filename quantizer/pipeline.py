@@ -341,7 +341,8 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
     d = x.shape[-1]
     lay = st.layer
     if not spec.true_sequential:  # all Hessians from the unquantized layer, then quantize everything
-        hs = [HessianAccumulator(lay.get_submodule(s[0]).in_features, dev, spec.sink_weight) for s in STAGES]
+        hs = [HessianAccumulator(lay.get_submodule(s[0]).in_features, dev, spec.sink_weight if s == ATTN else 1.0)
+              for s in STAGES]
         for s in range(n):
             for acc, inp in zip(hs, st.linear_inputs(x[s:s + 1])):
                 acc.add(inp)
@@ -353,14 +354,14 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
         return x
     quantize(ATTN, _hessians(lambda s: st.attn_in(x[s:s + 1]), n, d, dev, spec.sink_weight))
     core = torch.empty_like(x[..., :lay.self_attn.o_proj.in_features])
-    acc = HessianAccumulator(core.shape[-1], dev, spec.sink_weight)
+    acc = HessianAccumulator(core.shape[-1], dev)
     for s in range(n):
         core[s:s + 1] = st.attn_core(x[s:s + 1])
         acc.add(core[s:s + 1])
     quantize(OUT, acc.h)
     del acc
     mid = core if core.shape[-1] == d else torch.empty_like(x)  # reuse the buffer when widths agree
-    acc = HessianAccumulator(d, dev, spec.sink_weight)
+    acc = HessianAccumulator(d, dev)
     for s in range(n):
         mid[s:s + 1] = st.mid(x[s:s + 1], core[s:s + 1])
         acc.add(st.mlp_in(mid[s:s + 1]))
@@ -368,7 +369,7 @@ def _quantize_layer_calibrated(st: LayerStages, x: torch.Tensor, spec: QuantSpec
     quantize(GATE_UP, acc.h)
     ffn = lay.mlp.down_proj.in_features
     act = torch.empty(*x.shape[:-1], ffn, device=dev, dtype=x.dtype)
-    acc = HessianAccumulator(ffn, dev, spec.sink_weight)
+    acc = HessianAccumulator(ffn, dev)
     for s in range(n):
         act[s:s + 1] = st.mlp_act(st.mlp_in(mid[s:s + 1]))
         acc.add(act[s:s + 1])

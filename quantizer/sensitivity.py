@@ -169,7 +169,8 @@ def measure_sensitivity(model: nn.Module, spec: QuantSpec, windows: torch.Tensor
         for s in range(x.shape[0]):
             ins = st.linear_inputs(x[s:s + 1])
             if accs is None:
-                accs = [HessianAccumulator(t.shape[-1], x.device, spec.sink_weight) for t in ins[:-1]]
+                accs = [HessianAccumulator(t.shape[-1], x.device, spec.sink_weight if i == 0 else 1.0)
+                        for i, t in enumerate(ins[:-1])]
             for acc, t in zip(accs, ins[:-1]):
                 acc.add(t)
             x[s:s + 1] = ins[-1]
