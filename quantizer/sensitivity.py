@@ -9,13 +9,16 @@ The largest width's KL, too small to measure above the noise of fp32 arithmetic,
 the proxy ratio (the error energy a unit passes on scales its KL to first order). Units are scored one at a
 time, so the sum over units is a prediction; the quantizer reports it next to the KL it measures at the end.
 
-Cost (SmolLM2-135M, 2 cores): the solves of every width (about a minute each) plus one tail forward (from the
-unit's layer through the lm_head) per unit and measured width on 1,024 tokens.
+Cost (SmolLM2-135M, 2 cores): the solves of every width (about two minutes of one core each, run in two worker
+processes) plus one tail forward (from the unit's layer through the lm_head) per unit and measured width on 1,024
+tokens.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +31,11 @@ from mamp.quantizer.allocation import STAGE_KEYS, Unit
 from mamp.quantizer.config import QuantSpec
 
 SENSITIVITY_VERSION = 1
-HESSIAN_SAMPLES = 32  # calibration windows the sensitivity Hessians use at most (the proxy ratios settle early)
+# Calibration tokens the sensitivity Hessians use at most (whole windows, at least one): 32 windows of the reference
+# protocol's 512, 8 of the full protocol's 2,048. The proxy ratios settle early, and the full protocol's budgeted
+# run stays within its time target (docs/RESULTS.md).
+HESSIAN_TOKENS = 16_384
+SOLVE_WORKERS = 2  # solver processes of the sensitivity pass (measure_sensitivity)
 
 
 @dataclass
@@ -136,16 +143,41 @@ def _tail_kl(model, layers, start, xe, kw, ref_logp) -> float:
     return total / ref_logp[..., 0].numel()
 
 
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _solve_job(weights: list[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, float]:
+    """One unit at one width, alone: (its dequantized weight [N, K], the proxy error). Runs in a worker."""
+    from mamp.quantizer.pipeline import solve_weights
+    from mamp.quantizer.solver import proxy_loss
+
+    with torch.no_grad():
+        res = solve_weights(weights, hessian, spec)
+        return res.weight, proxy_loss(torch.cat(weights), res.weight, hessian)
+
+
+class _Inline:
+    """A finished job, for workers <= 1 (no pool): the same .result() as a pool's future."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, spec: QuantSpec, windows: torch.Tensor, device="cpu",
-                        progress: bool = True, widths=BITS) -> tuple[Sensitivity, torch.Tensor, torch.Tensor]:
+                        progress: bool = True, widths=BITS, workers: int = SOLVE_WORKERS
+                        ) -> tuple[Sensitivity, torch.Tensor, torch.Tensor]:
     """Score every unit at every width (module docstring). The model is left as it was (float).
 
+    workers: solver processes (the solver runs on one thread, so two of them keep two cores busy while this
+    process scores the finished solves); 1 solves in this process. The table is the same either way.
     Returns (table, eval windows, their float log-probs): the quantizer scores the finished model on the same
     tokens."""
-    from mamp.quantizer.pipeline import (STAGES, HessianAccumulator, LayerStages, capture_inputs, decoder_layers,
-                                         solve_unit, units_of)
-    from mamp.quantizer.solver import proxy_loss
+    from mamp.quantizer.pipeline import STAGES, HessianAccumulator, LayerStages, capture_inputs, decoder_layers, units_of
 
     if spec.budget is None:
         raise ValueError("sensitivity is measured for a budgeted spec (QuantSpec.build(budget=...))")
@@ -155,50 +187,63 @@ def measure_sensitivity(model: nn.Module, spec: QuantSpec, windows: torch.Tensor
     units = units_of(model)
     ev = eval_windows(windows, spec.sensitivity_tokens)
     ref = log_probs(model, ev, device)
-    calib = windows[:HESSIAN_SAMPLES]
+    calib = windows[:max(1, HESSIAN_TOKENS // windows.shape[1])]
     x, kw = capture_inputs(model, calib, device)
     xe, kwe = capture_inputs(model, ev, device)
     error: dict = {}
     proxy: dict = {}
     ws = sorted(widths)
     measured = ws[:-1]
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+            if workers > 1 else None)
     bar = tqdm(total=len(units) * len(ws), desc="sensitivity", unit="solve", disable=not progress)
-    for li, layer in enumerate(layers):
-        st = LayerStages(layer, kw)
-        accs = None
-        for s in range(x.shape[0]):
-            ins = st.linear_inputs(x[s:s + 1])
-            if accs is None:
-                accs = [HessianAccumulator(t.shape[-1], x.device, spec.sink_weight if i == 0 else 1.0)
-                        for i, t in enumerate(ins[:-1])]
-            for acc, t in zip(accs, ins[:-1]):
-                acc.add(t)
-            x[s:s + 1] = ins[-1]
-        for names, acc in zip(STAGES, accs):
-            key = (li, STAGE_KEYS[STAGES.index(names)])
-            mods = [layer.get_submodule(n) for n in names]
-            saved = [m.weight.data.clone() for m in mods]
-            w = torch.cat([m.weight.detach().float() for m in mods])
-            error[key], proxy[key] = {}, {}
-            for b in ws:
-                bar.set_postfix_str(f"layer {li} {key[1]} {b}-bit")
-                res = solve_unit(layer, names, acc.h, spec.at_bits(b))
-                proxy[key][b] = proxy_loss(w, res.weight, acc.h)
-                if b in measured:
-                    row = 0
-                    for m in mods:
-                        m.weight.data.copy_(res.weight[row:row + m.out_features].to(m.weight.dtype))
-                        row += m.out_features
-                    error[key][b] = _tail_kl(model, layers, li, xe, kwe, ref)
-                    for m, v in zip(mods, saved):
-                        m.weight.data.copy_(v)
-                bar.update(1)
-            for lo, hi in zip(ws[:-1], ws[1:]):  # unmeasured widths: scale the next smaller one's KL
-                if hi not in measured:
-                    ratio = proxy[key][hi] / proxy[key][lo] if proxy[key][lo] > 0 else 0.0
-                    error[key][hi] = error[key][lo] * ratio
-        xe = torch.cat([_layer_out(layer, xe[j:j + 1], kwe) for j in range(xe.shape[0])])
-    bar.close()
+    try:
+        for li, layer in enumerate(layers):
+            st = LayerStages(layer, kw)
+            accs = None
+            for s in range(x.shape[0]):
+                ins = st.linear_inputs(x[s:s + 1])
+                if accs is None:
+                    accs = [HessianAccumulator(t.shape[-1], x.device, spec.sink_weight if i == 0 else 1.0)
+                            for i, t in enumerate(ins[:-1])]
+                for acc, t in zip(accs, ins[:-1]):
+                    acc.add(t)
+                x[s:s + 1] = ins[-1]
+            jobs = {}
+            for names, acc in zip(STAGES, accs):
+                # Copies: a pool pickles the arguments later, when the scoring below may have put quantized
+                # weights into the modules.
+                weights = [layer.get_submodule(n).weight.detach().float().cpu().clone() for n in names]
+                h = acc.h.cpu()
+                for b in ws:
+                    args = (weights, h, spec.at_bits(b))
+                    jobs[names, b] = pool.submit(_solve_job, *args) if pool else _Inline(_solve_job(*args))
+            for names in STAGES:
+                key = (li, STAGE_KEYS[STAGES.index(names)])
+                mods = [layer.get_submodule(n) for n in names]
+                error[key], proxy[key] = {}, {}
+                for b in ws:
+                    bar.set_postfix_str(f"layer {li} {key[1]} {b}-bit")
+                    weight, proxy[key][b] = jobs[names, b].result()
+                    if b in measured:
+                        saved = [m.weight.data.clone() for m in mods]
+                        row = 0
+                        for m in mods:
+                            m.weight.data.copy_(weight[row:row + m.out_features].to(m.weight.dtype))
+                            row += m.out_features
+                        error[key][b] = _tail_kl(model, layers, li, xe, kwe, ref)
+                        for m, v in zip(mods, saved):
+                            m.weight.data.copy_(v)
+                    bar.update(1)
+                for lo, hi in zip(ws[:-1], ws[1:]):  # unmeasured widths: scale the next smaller one's KL
+                    if hi not in measured:
+                        ratio = proxy[key][hi] / proxy[key][lo] if proxy[key][lo] > 0 else 0.0
+                        error[key][hi] = error[key][lo] * ratio
+            xe = torch.cat([_layer_out(layer, xe[j:j + 1], kwe) for j in range(xe.shape[0])])
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     table = Sensitivity(units, error, proxy, int(ev.numel()), time.time() - t0,
                         meta={"hessian_windows": int(calib.shape[0]), "calib": spec.calib, "seqlen": spec.seqlen,
                               "method": spec.method})
@@ -220,5 +265,5 @@ def format_table(s: Sensitivity) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["HESSIAN_SAMPLES", "Sensitivity", "eval_windows", "format_table", "log_probs", "measure_sensitivity",
+__all__ = ["HESSIAN_TOKENS", "SOLVE_WORKERS", "Sensitivity", "eval_windows", "format_table", "log_probs", "measure_sensitivity",
            "model_kl"]

@@ -108,11 +108,25 @@ def stories_table(stories_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    table, ev, ref = measure_sensitivity(model, *_stories_inputs(model), progress=False)  # two solver processes
+    return model, table
+
+
+def _stories_inputs(model):
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(3, model.config.vocab_size, (4, 128), generator=g)
-    spec = QuantSpec.build(budget=3.0, sensitivity_tokens=256, nsamples=4, seqlen=128)
-    table, ev, ref = measure_sensitivity(model, spec, windows, progress=False)
-    return model, table
+    return QuantSpec.build(budget=3.0, sensitivity_tokens=256, nsamples=4, seqlen=128), windows
+
+
+def test_sensitivity_in_one_process_equals_the_worker_pool(stories_table):
+    """The solves run in worker processes by default; in this process (workers=1) the table is the same."""
+    model, table = stories_table
+    inline, _, _ = measure_sensitivity(model, *_stories_inputs(model), progress=False, workers=1)
+    assert inline.units == table.units
+    for u in table.units:
+        for b in BITS:
+            assert inline.error[u.key][b] == pytest.approx(table.error[u.key][b], rel=1e-6, abs=1e-12)
+            assert inline.proxy[u.key][b] == pytest.approx(table.proxy[u.key][b], rel=1e-6, abs=1e-12)
 
 
 def test_stories260k_budgets_are_met_exactly(stories_table):

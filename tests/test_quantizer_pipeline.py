@@ -160,9 +160,12 @@ def test_true_sequential_sees_quantized_inputs(monkeypatch):
     assert (h_seq - h_par).abs().max() > 1e-3 * h_par.abs().max()  # the quantized q, k, v changed it
 
 
-def test_hessian_weights_each_window_first_token():
+@pytest.mark.parametrize("band", [256, 2, 3])
+def test_hessian_weights_each_window_first_token(monkeypatch, band):
     """H = 2 X^T W X / sum(W), W = 1 but sink_weight on the first token of each window, accumulated window by
-    window (and a [T, K] input carries no window structure: plain rows)."""
+    window (and a [T, K] input carries no window structure: plain rows); whole and symmetric however the upper
+    part is cut into row bands (one band; 2+2+1; 3+2)."""
+    monkeypatch.setattr(HessianAccumulator, "BAND", band)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 7, 5, generator=g) for _ in range(3)]
     rows = torch.cat([x.reshape(-1, 5) for x in xs])
@@ -177,6 +180,7 @@ def test_hessian_weights_each_window_first_token():
     flat = HessianAccumulator(5, "cpu", sink_weight=4.0)
     flat.add(rows)
     torch.testing.assert_close(flat.h, plain.h, rtol=1e-5, atol=1e-6)
+    assert torch.equal(sink.h, sink.h.t())
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="shared stories260K absent")
