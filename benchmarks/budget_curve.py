@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("matplotlib is not installed (pip install 'mamp[bench]'): no plot")
         return 0
+    # The scale ends above everything but round-to-nearest's collapse; those points are marked at its top.
+    cap = 1.3 * max(t[4] for t in pts if t[0] != "rtn")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     style = {"mamp": ("o-", "C0"), "rule": ("s--", "C4"), "gptq": ("^-", "C1"), "rtn": ("v:", "C2"),
              "llama.cpp": ("D-", "C3")}
@@ -104,8 +106,13 @@ def main(argv=None) -> int:
                                     textcoords="offset points")
         if fl:
             ax.axhline(fl, color="k", lw=0.8, ls="--", label="float")
+        for t in pts:
+            if t[4] > cap:
+                ax.annotate(f"{t[1]} {t[4]:,.0f}", (t[col], cap), fontsize=7, ha="left", va="top",
+                            xytext=(3, -3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_yscale("log")
+        ax.set_ylim(0.95 * min(t[4] for t in pts) if not fl else 0.95 * fl, cap)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"WikiText-2 perplexity ({a.protocol} protocol)")
     axes[0].legend()
