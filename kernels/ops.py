@@ -10,8 +10,12 @@ gives the output's shape and dtype without computing it.
     torch.ops.mamp.half_linear_cpu(x, weight, bias, small_m, upcast_m, scratch_bytes)
     torch.ops.mamp.packed_linear_triton(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias,
                                         bits, salient_bits, group_size, salient_group_size, in_features)
+    torch.ops.mamp.packed_rows(ids, qweight, bitmap, scales, zeros, hscales, hzeros,
+                               bits, salient_bits, group_size, salient_group_size, in_features, tiled)
 
-x: [..., K] in any float dtype; the result is [..., N] in x's dtype. The CPU ops are defined in C++
+x: [..., K] in any float dtype; the result is [..., N] in x's dtype. packed_rows is the embedding lookup of a
+packed, tied lm_head: columns `ids` of the packed weight (row-major [rows, N] or column-tiled [N/16, rows, 16]:
+tiled) dequantized, [len(ids), K] float32, on any device. The CPU ops are defined in C++
 (kernels/cpu_matmul.cpp) and exist once the extension is loaded (`load_cpu_ops()`; building it takes a minute
 the first time, then it is cached); the Triton op is defined here and runs on CUDA tensors.
 """
@@ -23,7 +27,7 @@ import torch
 
 from mamp.kernels import cpu_matmul
 from mamp.kernels.cpu_layout import out_features
-from mamp.kernels.packing import PackedWeight, PackSpec
+from mamp.kernels.packing import PackedWeight, PackSpec, dequantize
 
 GEMV_MAX_M = 16  # rows the Triton GEMV serves; larger M goes to the GEMM
 
@@ -50,6 +54,36 @@ def packed_linear_triton(x: torch.Tensor, qweight: torch.Tensor, bitmap: torch.T
 def _packed_linear_triton_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
                                group_size, salient_group_size, in_features):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+@torch.library.custom_op("mamp::packed_rows", mutates_args=())
+def packed_rows(ids: torch.Tensor, qweight: torch.Tensor, bitmap: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, hscales: torch.Tensor, hzeros: torch.Tensor, bits: int, salient_bits: int,
+                group_size: int, salient_group_size: int, in_features: int, tiled: bool) -> torch.Tensor:
+    flat = ids.reshape(-1).long()
+    if flat.numel() == 0:
+        return torch.zeros(0, in_features, device=ids.device)
+
+    def columns(t: torch.Tensor) -> torch.Tensor:
+        return (t[flat // 16, :, flat % 16].t() if tiled else t[:, flat]).contiguous()
+
+    spec = PackSpec(in_features, flat.numel(), bits, salient_bits, group_size, salient_group_size)
+    return dequantize(PackedWeight(spec, *(columns(t) for t in (qweight, bitmap, scales, zeros, hscales, hzeros))))
+
+
+@packed_rows.register_fake
+def _packed_rows_fake(ids, qweight, bitmap, scales, zeros, hscales, hzeros, bits, salient_bits, group_size,
+                      salient_group_size, in_features, tiled):
+    return qweight.new_empty((ids.numel(), in_features), dtype=torch.float32)
+
+
+def rows(ids: torch.Tensor, packed, tiled: bool) -> torch.Tensor:
+    """packed_rows on a layer's packed tensors (kernels.packing.PackedTensors): row-major (tiled=False) or
+    column-tiled (kernels.cpu_layout.TiledWeight, tiled=True)."""
+    s = packed.spec
+    return torch.ops.mamp.packed_rows(ids, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
+                                      packed.hscales, packed.hzeros, s.bits, s.salient_bits, s.group_size,
+                                      s.salient_group_size, s.in_features, tiled)
 
 
 def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,

@@ -6,9 +6,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from mamp.kernels import ops
 from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor, untile_tensor
 from mamp.kernels.dispatch import choose_kernel
-from mamp.kernels.packing import TENSOR_NAMES, PackedWeight, PackSpec, aligned, dequantize
+from mamp.kernels.packing import TENSOR_NAMES, PackedTensors, PackedWeight, PackSpec, aligned
 from mamp.kernels.reference import packed_matmul_reference
 
 TILED_KERNELS = ("cpu-int8", "cpu")  # the C++ kernels, which read the column-tiled layout (kernels/cpu_layout.py)
@@ -175,13 +176,6 @@ class FusedPackedLinears:
         return self.kernel.fn(x, self.view, None).split(self.splits, dim=-1)
 
 
-def _columns(t: torch.Tensor, cols: torch.Tensor, tiled: bool) -> torch.Tensor:
-    """Columns `cols` of a packed tensor [rows, N] (or its column-tiled [N/16, rows, 16]) as [rows, len(cols)]."""
-    if tiled:
-        return t[cols // 16, :, cols % 16].t().contiguous()
-    return t[:, cols].contiguous()
-
-
 class PackedEmbedding(nn.Module):
     """The input embedding of a model whose lm_head is packed and tied to it: row t of the table is column t of
     the lm_head's packed weight, read straight from its words (one copy serves both; nothing stored here).
@@ -206,9 +200,8 @@ class PackedEmbedding(nn.Module):
         if int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings:
             raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}.."
                              f"{int(flat.max())}")
-        cols = {name: _columns(getattr(head, name), flat, head.tiled) for name in TENSOR_NAMES}
-        spec = dataclasses.replace(head.spec, out_features=flat.numel())
-        rows = dequantize(PackedWeight(spec, **cols))  # [len(ids), dim] fp32
+        view = PackedTensors(head.spec, **{name: getattr(head, name) for name in TENSOR_NAMES})  # either layout
+        rows = ops.rows(flat, view, head.tiled)  # [len(ids), dim] fp32, the dequantized columns
         return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

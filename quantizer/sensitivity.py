@@ -177,7 +177,8 @@ def measure_sensitivity(model: nn.Module, spec: QuantSpec, windows: torch.Tensor
     process scores the finished solves); 1 solves in this process. The table is the same either way.
     Returns (table, eval windows, their float log-probs): the quantizer scores the finished model on the same
     tokens."""
-    from mamp.quantizer.pipeline import STAGES, HessianAccumulator, LayerStages, capture_inputs, decoder_layers, units_of
+    from mamp.quantizer.pipeline import (STAGES, HessianAccumulator, LayerStages, capture_inputs, decoder_layers,
+                                         units_of)
 
     if spec.budget is None:
         raise ValueError("sensitivity is measured for a budgeted spec (QuantSpec.build(budget=...))")

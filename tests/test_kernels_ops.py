@@ -36,6 +36,27 @@ def test_packed_linear_cpu_opcheck(bits, hbits):
         assert torch.ops.mamp.packed_linear_cpu(*args).shape == (*x.shape[:-1], 48)
 
 
+@pytest.mark.parametrize("bits,hbits", [(2, 8), (8, 8)])
+def test_packed_rows_are_dequantized_columns_in_either_layout(bits, hbits):
+    """The tied embedding's lookup: columns `ids` of the packed weight, dequantized, from the row-major and the
+    column-tiled layout alike; schema, fake kernel and autograd registration pass opcheck."""
+    from mamp.kernels.cpu_layout import tile
+    from mamp.kernels.packing import dequantize
+
+    packed = _case(bits, hbits)
+    ids = torch.tensor([[5, 0, 47], [5, 16, 31]])
+    want = dequantize(packed)[ids.reshape(-1)]  # [N, K]: row t is output t's weights
+    for view, tiled in ((packed, False), (tile(packed), True)):
+        got = ops.rows(ids, view, tiled)
+        assert got.shape == (6, 80) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        args = (ids, *view.tensors().values(), bits, hbits, 32, 32, 80, tiled)
+        result = torch.library.opcheck(torch.ops.mamp.packed_rows.default, args,
+                                       test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        assert set(result.values()) == {"SUCCESS"}, result
+    assert ops.rows(torch.zeros(0, dtype=torch.long), packed, False).shape == (0, 80)
+
+
 def test_half_linear_cpu_opcheck():
     w = torch.randn(48, 80).bfloat16()
     args = (torch.randn(3, 80), w, torch.randn(48), 16, 1, 1 << 22)
