@@ -11,8 +11,12 @@ fake kernels, so vLLM's torch.compile traces them). Layers not in the config sta
 
 Tensor parallelism: column-parallel layers (q/k/v, gate/up) split along outputs; row-parallel ones (o_proj,
 down_proj) along inputs where each rank's part is a whole number of the packed tensors' row blocks (shard_spec;
-tests/test_vllm_plugin.py checks both splits against the whole layer). Not yet: a packed lm_head or embedding
-(quantize with --head-bits 0 for vLLM).
+tests/test_vllm_plugin.py checks both splits against the whole layer).
+
+A packed lm_head (mamp's default, `--head-bits 8`) is vLLM's ParallelLMHead with the packed tensors split along
+the vocabulary like vLLM's own; where the model ties its embedding to it (the checkpoint then holds one packed
+copy, under lm_head), the input embedding reads its rows from the lm_head's packed words (torch.ops.mamp.packed_rows)
+and holds no weights of its own.
 """
 from __future__ import annotations
 
@@ -63,14 +67,32 @@ def row_shard_step(spec) -> int:
     return math.lcm(8 * 16, spec.group_size, spec.salient_group_size)
 
 
+HEAD = "lm_head"  # the packed output projection's name in the checkpoint (tied or not)
+
+
+def _tied() -> bool:
+    """Whether the model vLLM is building ties its input embedding to the lm_head (its text config says so)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vc = get_current_vllm_config_or_none()
+    if vc is None or vc.model_config is None:
+        return False
+    return bool(getattr(vc.model_config.hf_text_config, "tie_word_embeddings", False))
+
+
 def _define_and_register() -> None:
     from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
                                                    register_weight_loader_v2_supported_method)
     from vllm.model_executor.layers.quantization import register_quantization_config
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig as VllmQuantConfig
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
     from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+    from vllm.model_executor.utils import set_weight_attrs
 
+    from mamp.kernels import ops
     from mamp.kernels.checkpoint import QuantizationConfig
+    from mamp.kernels.cpu_layout import TiledWeight
     from mamp.kernels.packed_linear import kernel_and_view
     from mamp.kernels.packing import TENSOR_NAMES
 
@@ -96,11 +118,7 @@ def _define_and_register() -> None:
 
         @classmethod
         def from_config(cls, config: dict[str, Any]) -> "MampConfig":
-            q = QuantizationConfig.from_dict(config)
-            if "lm_head" in q.layers:
-                raise ValueError("mamp: this checkpoint packs its lm_head (and tied embedding), which vLLM's plugin "
-                                 "does not serve yet; quantize with --head-bits 0 for vLLM")
-            return cls(q)
+            return cls(QuantizationConfig.from_dict(config))
 
         def spec_for(self, prefix: str):
             """The PackSpec of the vLLM layer `prefix` (fused names expanded), or None if it is not packed."""
@@ -120,8 +138,13 @@ def _define_and_register() -> None:
             return fused_spec([layers[n] for n in names], prefix)
 
         def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+            head = self.config.layers.get(HEAD)
+            if isinstance(layer, ParallelLMHead):
+                return None if head is None else MampHeadMethod(head)
+            if isinstance(layer, VocabParallelEmbedding):  # the input embedding: packed only as the tied lm_head
+                return MampTiedEmbeddingMethod() if head is not None and _tied() else None
             if not isinstance(layer, LinearBase):
-                return None  # embeddings, attention: vLLM's own
+                return None  # attention and the rest: vLLM's own
             spec = self.spec_for(prefix)
             return UnquantizedLinearMethod() if spec is None else MampLinearMethod(spec, prefix)
 
@@ -154,3 +177,65 @@ def _define_and_register() -> None:
 
         def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             return layer.mamp_kernel.fn(x, layer.mamp_view, bias)
+
+    class MampHeadMethod(QuantizeMethodBase):
+        """The packed lm_head: its columns (the vocabulary) split like vLLM's own head, padding columns zero."""
+
+        def __init__(self, spec) -> None:
+            self.spec = spec
+
+        def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                           output_partition_sizes: list[int], input_size: int, output_size: int,
+                           params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+            if input_size_per_partition != self.spec.in_features:
+                raise ValueError(f"mamp: the packed lm_head has {self.spec.in_features} inputs, the model "
+                                 f"{input_size_per_partition}")
+            local = dataclasses.replace(self.spec, out_features=sum(output_partition_sizes))
+
+            def load_columns(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
+                si = layer.shard_indices  # this rank's vocabulary, as vLLM's own head splits it
+                start, size = si.org_vocab_start_index, si.org_vocab_end_index - si.org_vocab_start_index
+                if loaded.shape[0] != param.shape[0] or loaded.shape[1] < start + size:
+                    raise ValueError(f"mamp: lm_head tensor of shape {tuple(loaded.shape)} does not fit "
+                                     f"{tuple(param.shape)} (vocabulary {start}..{start + size})")
+                param.data[:, :size].copy_(loaded[:, start:start + size])
+                param.data[:, size:].zero_()
+
+            for name, (shape, dtype) in local.shapes().items():
+                param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                set_weight_attrs(param, {"output_dim": 1, "weight_loader": load_columns})
+                layer.register_parameter(name, param)
+            layer.mamp_spec = local
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            tensors = {n: getattr(layer, n).data for n in TENSOR_NAMES}
+            kernel, view = kernel_and_view(layer.mamp_spec, tensors, layer.qweight.device, layer=HEAD)
+            for n, t in view.tensors().items():
+                getattr(layer, n).data = t
+            layer.mamp_kernel, layer.mamp_view = kernel, view
+            layer.mamp_tiled = isinstance(view, TiledWeight)
+
+        def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            return layer.mamp_kernel.fn(x, layer.mamp_view, bias)
+
+        def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
+            # Not a submodule (no second name for the same tensors): the embedding reads this layer's words.
+            embed_tokens.__dict__["_mamp_head"] = layer
+            return layer
+
+    class MampTiedEmbeddingMethod(QuantizeMethodBase):
+        """The input embedding of a model whose packed lm_head is tied to it: no weights of its own; row t is
+        column t of the lm_head's packed weight, dequantized (MampHeadMethod.tie_weights links the two)."""
+
+        def create_weights(self, layer: torch.nn.Module, *args, **kwargs) -> None:
+            pass
+
+        def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            raise RuntimeError("mamp: the tied embedding is not a linear layer; the lm_head computes the logits")
+
+        def embedding(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            head = layer.__dict__.get("_mamp_head")
+            if head is None:
+                raise RuntimeError("mamp: the packed lm_head was never tied to this embedding")
+            rows = ops.rows(ids, head.mamp_view, head.mamp_tiled)
+            return rows.to(layer.params_dtype).reshape(*ids.shape, rows.shape[-1])

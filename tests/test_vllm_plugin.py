@@ -68,7 +68,10 @@ def _greedy(url: str, prompt: str) -> tuple[str, list[float]]:
 
 
 @pytest.mark.skipif(not os.environ.get("MAMP_VLLM_PYTHON"), reason="MAMP_VLLM_PYTHON (a venv with vLLM) not set")
-def test_vllm_serves_a_mamp_checkpoint_like_mamp(tmp_path, stories_dir):
+@pytest.mark.parametrize("head_bits,tied", [(0, False), (8, True), (8, False)])
+def test_vllm_serves_a_mamp_checkpoint_like_mamp(tmp_path, stories_dir, head_bits, tied):
+    """16-bit head; a packed head tied to the embedding (one packed copy: mamp's default); a packed head beside a
+    16-bit embedding."""
     from mamp.quantizer.__main__ import main as quantize
 
     import shutil
@@ -82,11 +85,12 @@ def test_vllm_serves_a_mamp_checkpoint_like_mamp(tmp_path, stories_dir):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=512, max_position_embeddings=512, initializer_range=0.1,
-                         bos_token_id=1, eos_token_id=2)
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copy(stories_dir / name, model_dir / name)
-    assert quantize([str(model_dir), "--out", str(ckpt), "--method", "rtn", "--bits", "4", "--head-bits", "0"]) == 0
+    assert quantize([str(model_dir), "--out", str(ckpt), "--method", "rtn", "--bits", "4",
+                     "--head-bits", str(head_bits)]) == 0
     env = {**os.environ, "MAMP_CPU_ACTIVATIONS": "float", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1"}
     procs = []
