@@ -12,6 +12,8 @@ gives the output's shape and dtype without computing it.
                                         bits, salient_bits, group_size, salient_group_size, in_features)
     torch.ops.mamp.packed_rows(ids, qweight, bitmap, scales, zeros, hscales, hzeros,
                                bits, salient_bits, group_size, salient_group_size, in_features, tiled)
+    torch.ops.mamp.packed_rows_cpu(ids, qweight, bitmap, scales, zeros, hscales, hzeros,
+                                   bits, salient_bits, group_size, salient_group_size, in_features)
 
 x: [..., K] in any float dtype; the result is [..., N] in x's dtype. packed_rows is the embedding lookup of a
 packed, tied lm_head: columns `ids` of the packed weight (row-major [rows, N] or column-tiled [N/16, rows, 16]:
@@ -79,11 +81,14 @@ def _packed_rows_fake(ids, qweight, bitmap, scales, zeros, hscales, hzeros, bits
 
 def rows(ids: torch.Tensor, packed, tiled: bool) -> torch.Tensor:
     """packed_rows on a layer's packed tensors (kernels.packing.PackedTensors): row-major (tiled=False) or
-    column-tiled (kernels.cpu_layout.TiledWeight, tiled=True)."""
+    column-tiled (kernels.cpu_layout.TiledWeight, tiled=True). On the CPU with the extension loaded, the C++
+    lookup packed_rows_cpu (the same values, bit for bit; either layout, told apart by qweight's rank)."""
     s = packed.spec
-    return torch.ops.mamp.packed_rows(ids, packed.qweight, packed.bitmap, packed.scales, packed.zeros,
-                                      packed.hscales, packed.hzeros, s.bits, s.salient_bits, s.group_size,
-                                      s.salient_group_size, s.in_features, tiled)
+    args = (ids, packed.qweight, packed.bitmap, packed.scales, packed.zeros, packed.hscales, packed.hzeros, s.bits,
+            s.salient_bits, s.group_size, s.salient_group_size, s.in_features)
+    if packed.qweight.device.type == "cpu" and _cpu_fakes_registered:
+        return torch.ops.mamp.packed_rows_cpu(*args)
+    return torch.ops.mamp.packed_rows(*args, tiled)
 
 
 def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,
@@ -100,6 +105,11 @@ def _half_linear_cpu_fake(x, weight, bias, small_m, upcast_m, scratch_bytes):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _packed_rows_cpu_fake(ids, qweight, bitmap, scales, zeros, hscales, hzeros, bits, salient_bits, group_size,
+                          salient_group_size, in_features):
+    return qweight.new_empty((ids.numel(), in_features), dtype=torch.float32)
+
+
 def load_cpu_ops() -> bool:
     """Load (building if needed) the C++ extension that defines torch.ops.mamp.*_cpu and register their fake
     kernels. False if the extension cannot be built (kernels.cpu_matmul.ext_error() says why)."""
@@ -111,6 +121,7 @@ def load_cpu_ops() -> bool:
             torch.library.register_fake("mamp::packed_linear_cpu")(_packed_linear_cpu_fake)
             torch.library.register_fake("mamp::packed_linear_int8_cpu")(_packed_linear_int8_cpu_fake)
             torch.library.register_fake("mamp::half_linear_cpu")(_half_linear_cpu_fake)
+            torch.library.register_fake("mamp::packed_rows_cpu")(_packed_rows_cpu_fake)
             _cpu_fakes_registered = True
     return True
 

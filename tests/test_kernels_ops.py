@@ -36,25 +36,30 @@ def test_packed_linear_cpu_opcheck(bits, hbits):
         assert torch.ops.mamp.packed_linear_cpu(*args).shape == (*x.shape[:-1], 48)
 
 
-@pytest.mark.parametrize("bits,hbits", [(2, 8), (8, 8)])
-def test_packed_rows_are_dequantized_columns_in_either_layout(bits, hbits):
-    """The tied embedding's lookup: columns `ids` of the packed weight, dequantized, from the row-major and the
-    column-tiled layout alike; schema, fake kernel and autograd registration pass opcheck."""
+@pytest.mark.parametrize("bits,hbits,k", [(2, 8, 80), (8, 8, 80), (4, 4, 72), (2, 2, 80), (4, 8, 72)])
+def test_packed_rows_are_dequantized_columns_in_either_layout(bits, hbits, k):
+    """The tied embedding's lookup: columns `ids` of the packed weight, dequantized, bit for bit, from the row-major
+    and the column-tiled layout, by the torch op and the C++ one alike (ops.rows takes the C++ one on the CPU);
+    schemas, fake kernels and autograd registration pass opcheck; a bad id is an error."""
     from mamp.kernels.cpu_layout import tile
     from mamp.kernels.packing import dequantize
 
-    packed = _case(bits, hbits)
+    packed = _case(bits, hbits, k=k)
     ids = torch.tensor([[5, 0, 47], [5, 16, 31]])
     want = dequantize(packed)[ids.reshape(-1)]  # [N, K]: row t is output t's weights
     for view, tiled in ((packed, False), (tile(packed), True)):
-        got = ops.rows(ids, view, tiled)
-        assert got.shape == (6, 80) and got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        args = (ids, *view.tensors().values(), bits, hbits, 32, 32, 80, tiled)
-        result = torch.library.opcheck(torch.ops.mamp.packed_rows.default, args,
-                                       test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-        assert set(result.values()) == {"SUCCESS"}, result
-    assert ops.rows(torch.zeros(0, dtype=torch.long), packed, False).shape == (0, 80)
+        args = (ids, *view.tensors().values(), bits, hbits, 32, 32, k)
+        for op, op_args in ((torch.ops.mamp.packed_rows, (*args, tiled)), (torch.ops.mamp.packed_rows_cpu, args)):
+            got = op(*op_args)
+            assert got.shape == (6, k) and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            result = torch.library.opcheck(op.default, op_args,
+                                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+            assert set(result.values()) == {"SUCCESS"}, result
+        torch.testing.assert_close(ops.rows(ids, view, tiled), want, rtol=0, atol=0)
+        assert ops.rows(torch.zeros(0, dtype=torch.long), view, tiled).shape == (0, k)
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.mamp.packed_rows_cpu(torch.tensor([48]), *args[1:])
 
 
 def test_half_linear_cpu_opcheck():
