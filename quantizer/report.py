@@ -119,10 +119,13 @@ def format_summary(s: dict) -> str:
         elif s.get("measured_kl") is not None:
             lines.append(f"KL from the float model on {s['kl_tokens']} calibration tokens: measured "
                          f"{s['measured_kl']:.4f} nats per token")
+    # Under a budget the widths above say what each unit got (each width with its own salient defaults); the
+    # spec's base width is only the smallest of them, so it is not printed as if it were the model's.
+    widths = ("widths per unit above" if s.get("budget") is not None else
+              f"bits {s['bits']}  salient bits {s['salient_bits']}  salient fraction {s['salient_fraction']}")
     lines += [
-        f"method {s['method']}  bits {s['bits']}  salient bits {s['salient_bits']}  salient fraction "
-        f"{s['salient_fraction']} ({s['assign']})  refit {s['refit']}  group {s['group_size']}/{s['salient_group_size']}  mse clip "
-        f"{s['mse_clip']}",
+        f"method {s['method']}  {widths} ({s['assign']})  refit {s['refit']}  "
+        f"group {s['group_size']}/{s['salient_group_size']}  mse clip {s['mse_clip']}",
         f"bits per weight (words + bitmap + scales + zeros, both grids): {s['decoder_bits_per_weight']:.4f} over the "
         f"decoder's linear layers, {s['bits_per_weight']:.4f} over all packed layers",
         f"quantized layers: {s['quantized_layers']} linears, {s['quantized_bytes'] / mb:.2f} MiB vs "

@@ -211,6 +211,7 @@ def test_budget_cli_end_to_end(assets, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "budget 3 bits per weight over the linears (measured allocation)" in out and "layer 1: qkv " in out
     assert "predicted" in out and "measured" in out and sens.is_file()
+    assert "method mamp  widths per unit above" in out and "  bits 2  " not in out  # not the base width as the model's
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
     dec = [s for n, s in cfg["layers"].items() if n != "lm_head"]
 
