@@ -79,16 +79,16 @@ def _packed_rows_fake(ids, qweight, bitmap, scales, zeros, hscales, hzeros, bits
     return qweight.new_empty((ids.numel(), in_features), dtype=torch.float32)
 
 
-def rows(ids: torch.Tensor, packed, tiled: bool) -> torch.Tensor:
-    """packed_rows on a layer's packed tensors (kernels.packing.PackedTensors): row-major (tiled=False) or
-    column-tiled (kernels.cpu_layout.TiledWeight, tiled=True). On the CPU with the extension loaded, the C++
-    lookup packed_rows_cpu (the same values, bit for bit; either layout, told apart by qweight's rank)."""
+def rows(ids: torch.Tensor, packed) -> torch.Tensor:
+    """packed_rows on a layer's packed tensors (kernels.packing.PackedTensors), row-major or column-tiled (told apart
+    by qweight's rank, 2 or 3). On the CPU with the extension loaded, the C++ lookup packed_rows_cpu (the same
+    values, bit for bit)."""
     s = packed.spec
     args = (ids, packed.qweight, packed.bitmap, packed.scales, packed.zeros, packed.hscales, packed.hzeros, s.bits,
             s.salient_bits, s.group_size, s.salient_group_size, s.in_features)
     if packed.qweight.device.type == "cpu" and _cpu_fakes_registered:
         return torch.ops.mamp.packed_rows_cpu(*args)
-    return torch.ops.mamp.packed_rows(*args, tiled)
+    return torch.ops.mamp.packed_rows(*args, packed.qweight.dim() == 3)
 
 
 def _packed_linear_cpu_fake(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, bits, salient_bits,

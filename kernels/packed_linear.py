@@ -201,7 +201,7 @@ class PackedEmbedding(nn.Module):
             raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}.."
                              f"{int(flat.max())}")
         view = PackedTensors(head.spec, **{name: getattr(head, name) for name in TENSOR_NAMES})  # either layout
-        rows = ops.rows(flat, view, head.tiled)  # [len(ids), dim] fp32, the dequantized columns
+        rows = ops.rows(flat, view)  # [len(ids), dim] fp32, the dequantized columns
         return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

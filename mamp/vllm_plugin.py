@@ -92,9 +92,17 @@ def _define_and_register() -> None:
 
     from mamp.kernels import ops
     from mamp.kernels.checkpoint import QuantizationConfig
-    from mamp.kernels.cpu_layout import TiledWeight
     from mamp.kernels.packed_linear import kernel_and_view
     from mamp.kernels.packing import TENSOR_NAMES
+
+    def _attach_kernel(layer: torch.nn.Module, name: str) -> None:
+        """After loading: the kernel mamp's dispatch chooses for the layer, and its packed tensors in the layout that
+        kernel reads, in place of the loaded ones (layer.mamp_kernel, layer.mamp_view)."""
+        tensors = {n: getattr(layer, n).data for n in TENSOR_NAMES}
+        kernel, view = kernel_and_view(layer.mamp_spec, tensors, layer.qweight.device, layer=name)
+        for n, t in view.tensors().items():
+            getattr(layer, n).data = t
+        layer.mamp_kernel, layer.mamp_view = kernel, view
 
     @register_quantization_config(NAME)
     class MampConfig(VllmQuantConfig):
@@ -169,11 +177,7 @@ def _define_and_register() -> None:
             layer.mamp_spec = local
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            tensors = {n: getattr(layer, n).data for n in TENSOR_NAMES}
-            kernel, view = kernel_and_view(layer.mamp_spec, tensors, layer.qweight.device, layer=self.prefix)
-            for n, t in view.tensors().items():  # the layout the kernel reads, in place of the loaded one
-                getattr(layer, n).data = t
-            layer.mamp_kernel, layer.mamp_view = kernel, view
+            _attach_kernel(layer, self.prefix)
 
         def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             return layer.mamp_kernel.fn(x, layer.mamp_view, bias)
@@ -208,12 +212,7 @@ def _define_and_register() -> None:
             layer.mamp_spec = local
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            tensors = {n: getattr(layer, n).data for n in TENSOR_NAMES}
-            kernel, view = kernel_and_view(layer.mamp_spec, tensors, layer.qweight.device, layer=HEAD)
-            for n, t in view.tensors().items():
-                getattr(layer, n).data = t
-            layer.mamp_kernel, layer.mamp_view = kernel, view
-            layer.mamp_tiled = isinstance(view, TiledWeight)
+            _attach_kernel(layer, HEAD)
 
         def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             return layer.mamp_kernel.fn(x, layer.mamp_view, bias)
@@ -237,5 +236,5 @@ def _define_and_register() -> None:
             head = layer.__dict__.get("_mamp_head")
             if head is None:
                 raise RuntimeError("mamp: the packed lm_head was never tied to this embedding")
-            rows = ops.rows(ids, head.mamp_view, head.mamp_tiled)
+            rows = ops.rows(ids, head.mamp_view)
             return rows.to(layer.params_dtype).reshape(*ids.shape, rows.shape[-1])

@@ -56,8 +56,8 @@ def test_packed_rows_are_dequantized_columns_in_either_layout(bits, hbits, k):
             result = torch.library.opcheck(op.default, op_args,
                                            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
             assert set(result.values()) == {"SUCCESS"}, result
-        torch.testing.assert_close(ops.rows(ids, view, tiled), want, rtol=0, atol=0)
-        assert ops.rows(torch.zeros(0, dtype=torch.long), view, tiled).shape == (0, k)
+        torch.testing.assert_close(ops.rows(ids, view), want, rtol=0, atol=0)
+        assert ops.rows(torch.zeros(0, dtype=torch.long), view).shape == (0, k)
         with pytest.raises(RuntimeError, match="outside"):
             torch.ops.mamp.packed_rows_cpu(torch.tensor([48]), *args[1:])
 
