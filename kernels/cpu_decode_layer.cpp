@@ -24,6 +24,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 // Defined in cpu_matmul.cpp and cpu_int8_matmul.cpp (the same module).
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
                          const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& hscales,
@@ -50,9 +54,11 @@ void rms_norm_rows(const float* x, const float* w, float eps, int64_t rows, int6
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(ss / float(n) + eps);
     float* yr = y + r * n;
+#pragma omp simd
     for (int64_t i = 0; i < n; ++i) yr[i] = w[i] * (xr[i] * inv);
   }
 }
@@ -131,6 +137,157 @@ void center_terms(float* sc, int64_t n, const float* a, int64_t D, const float* 
     for (int64_t j = 1; j < n; ++j) {
       const float t = row[j];
       for (int r = 0; r < R; ++r) sc[r * n + j] += ar[r] * t;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// exp of 16 floats, Cephes' single-precision method (range reduction by ln 2 in two parts, a degree-6 polynomial,
+// 2^n through the exponent bits): within about 2 ulp of expf over [-88.38, 88.38], clamped outside.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#elif defined(__AVX2__)
+inline __m256 exp8(__m256 x) {  // as exp16, eight lanes
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// x[i] = exp(x[i] - m) for n floats; returns their sum (the softmax's denominator).
+inline float exp_sub_sum(float* x, int64_t n, float m) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(m)));
+    _mm512_storeu_ps(x + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(m)));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  for (int k = 0; k < 8; ++k) s += t[k];
+#endif
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.
+inline void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+  }
+#elif defined(__AVX2__)
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// y[i] += x[i] (distinct arrays).
+inline void add_to(float* __restrict y, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+// sum_i a[i] b[i] over D floats: vector partial sums, one horizontal reduction (the build's widest vectors; the
+// extension is compiled once per instruction set, kernels/cpu_matmul.py), then the tail.
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  if (D >= 16) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (i = 16; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+  }
+#elif defined(__AVX2__)
+  if (D >= 8) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (i = 8; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+  }
+#endif
+  for (; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out[r * D + i] += sum_{o < cnt} p[r * BS + o] * v[o * D + i] for R rows r: each output chunk held in a register
+// across the block's positions (positions in order, as a running sum would take them), stored once per block.
+inline void accumulate_block(float* out, const float* p, int64_t BS, const float* v, int64_t cnt, int64_t R,
+                             int64_t D) {
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= D; c += 16) {
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 acc = _mm512_loadu_ps(out + r * D + c);
+      const float* pr = p + r * BS;
+      for (int64_t o = 0; o < cnt; ++o) acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[o]), _mm512_loadu_ps(v + o * D + c), acc);
+      _mm512_storeu_ps(out + r * D + c, acc);
+    }
+  }
+#elif defined(__AVX2__)
+  for (; c + 8 <= D; c += 8) {
+    for (int64_t r = 0; r < R; ++r) {
+      __m256 acc = _mm256_loadu_ps(out + r * D + c);
+      const float* pr = p + r * BS;
+      for (int64_t o = 0; o < cnt; ++o) acc = _mm256_fmadd_ps(_mm256_set1_ps(pr[o]), _mm256_loadu_ps(v + o * D + c), acc);
+      _mm256_storeu_ps(out + r * D + c, acc);
+    }
+  }
+#endif
+  for (; c < D; ++c) {
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = out[r * D + c];
+      for (int64_t o = 0; o < cnt; ++o) acc += p[r * BS + o] * v[o * D + c];
+      out[r * D + c] = acc;
     }
   }
 }
@@ -342,7 +499,10 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t per_task = B * KVH >= 2 * at::get_num_threads() ? group : 1;
     const int64_t tasks_per_kv = group / per_task;
     at::parallel_for(0, B * KVH * tasks_per_kv, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), buf(D), ab(per_task * D);
+      std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), ab(per_task * D);
+      // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero; and the
+      // block's probabilities (times the value scales) per query head.
+      std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
@@ -365,23 +525,37 @@ struct DecodeLayer : torch::CustomClassHolder {
           qsum[r] = sum;
           zsum[r] = 0.f;
         }
-        // fn(j, x, scale, zero) for positions j = 0 .. n - 1, block by block (one table lookup per block): x the
-        // entry's floats (fp32), or its codes as floats with their scale and zero (int8, int4).
+        // Block i of the sequence (cnt entries): its rows of D floats, and per-entry scales and zeros (nullptr for
+        // fp32: 1 and 0). fp32 entries are read in place; quantized ones are expanded into blk.
         // int4: position 0 from the row's sink (exact, rotated), not the pool.
-        auto each_entry = [&](const float* f, const int8_t* c8, const uint8_t* c4, const at::Half* sc,
-                              const at::Half* zr, const float* sink, auto&& fn) {
-          for (int64_t j0 = 0; j0 < n; j0 += BS) {
-            const int64_t e0 = (g * NB + int64_t(trow[j0 / BS])) * BS, cnt = std::min(BS, n - j0);
-            for (int64_t o = 0; o < cnt; ++o) {
-              const int64_t e = e0 + o;
-              if (sink && j0 + o == 0) {
-                fn(0, sink, 1.f, 0.f);
-                continue;
-              }
-              if (!f) codes(c8, c4, e, buf.data());
-              fn(j0 + o, f ? f + e * CD : buf.data(), sc ? float(sc[e]) : 1.f, zr ? float(zr[e]) : 0.f);
-            }
+        auto load_block = [&](int64_t i, int64_t cnt, const float* f, const int8_t* c8, const uint8_t* c4,
+                              const at::Half* sc, const at::Half* zr, const float* sink, const float*& rows_out,
+                              const float*& sc_out, const float*& z_out) {
+          const int64_t e0 = (g * NB + int64_t(trow[i])) * BS;
+          if ((i + 1) * BS < n) {  // the next block: its own place in the pool, so the hardware prefetcher starts late
+            const int64_t e1 = (g * NB + int64_t(trow[i + 1])) * BS;
+            const char* nxt = f ? reinterpret_cast<const char*>(f + e1 * CD)
+                                : c8 ? reinterpret_cast<const char*>(c8 + e1 * CD)
+                                     : reinterpret_cast<const char*>(c4 + e1 * CD);
+            const int64_t bytes = BS * CD * (f ? 4 : 1);
+            for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nxt + off);
           }
+          if (f) {
+            rows_out = f + e0 * CD, sc_out = nullptr, z_out = nullptr;
+            return;
+          }
+          for (int64_t o = 0; o < cnt; ++o) {
+            float* row = blk.data() + o * D;
+            if (sink && i == 0 && o == 0) {
+              for (int64_t d = 0; d < D; ++d) row[d] = sink[d];
+              bsc[0] = 1.f, bzr[0] = 0.f;
+              continue;
+            }
+            codes(c8, c4, e0 + o, row);
+            bsc[o] = float(sc[e0 + o]);
+            bzr[o] = zr ? float(zr[e0 + o]) : 0.f;
+          }
+          rows_out = blk.data(), sc_out = bsc.data(), z_out = bzr.data();
         };
         // score starts as each key's center term: int4, q . R(j) mu = sum_i table[i, j] (A, B)_i for j > 0 (the
         // sink holds k itself), vectorised along the positions; zero otherwise.
@@ -399,38 +573,40 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
         const float* ksink = sinks ? sinks + ((sl[b] * 2) * KVH + g) * D : nullptr;
         const float* vsink = sinks ? sinks + ((sl[b] * 2 + 1) * KVH + g) * D : nullptr;
-        each_entry(kf, k8, k4, ksc, kz, ksink, [&](int64_t j, const float* k, float ks, float kzero) {
-          for (int64_t r = 0; r < per_task; ++r) {
-            const float* qr = qs.data() + r * D;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < D; ++i) dot += qr[i] * k[i];
-            score[r * n + j] = (dot * ks + qsum[r] * kzero + score[r * n + j]) * scale;
+        for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
+          const int64_t cnt = std::min(BS, n - j0);
+          const float *keys, *ks, *kzero;
+          load_block(i, cnt, kf, k8, k4, ksc, kz, ksink, keys, ks, kzero);
+          for (int64_t o = 0; o < cnt; ++o) {
+            for (int64_t r = 0; r < per_task; ++r) {
+              const float d = dot(qs.data() + r * D, keys + o * D, D);
+              float& s = score[r * n + j0 + o];
+              s = ks ? (d * ks[o] + qsum[r] * kzero[o] + s) * scale : (d + s) * scale;
+            }
           }
-        });
+        }
         for (int64_t r = 0; r < per_task; ++r) {  // softmax of each head's scores, unnormalised
           float* sc = score.data() + r * n;
           float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
           for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            sc[j] = std::exp(sc[j] - mx);
-            sum += sc[j];
-          }
-          qsum[r] = 1.f / sum;  // reused: the normaliser
+          qsum[r] = 1.f / exp_sub_sum(sc, n, mx);  // reused: the normaliser
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
         }
-        each_entry(vf, v8, v4, vsc, vz, vsink, [&](int64_t j, const float* v, float vs, float vzero) {
+        for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
+          const int64_t cnt = std::min(BS, n - j0);
+          const float *vals, *vs, *vzero;
+          load_block(i, cnt, vf, v8, v4, vsc, vz, vsink, vals, vs, vzero);
           for (int64_t r = 0; r < per_task; ++r) {
-            const float p = score[r * n + j];
-            const float pv = p * vs;
-            zsum[r] += p * vzero;  // int4: the zeros' share, added to every element at the end
-            float* out = corep + b * H * D + (h0 + r) * D;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) out[i] += pv * v[i];
+            for (int64_t o = 0; o < cnt; ++o) {
+              const float p = score[r * n + j0 + o];
+              pw[r * BS + o] = vs ? p * vs[o] : p;
+              if (vzero) zsum[r] += p * vzero[o];  // int4: the zeros' share, added to every element at the end
+            }
           }
-        });
+          accumulate_block(corep + b * H * D + h0 * D, pw.data(), BS, vals, cnt, per_task, D);
+        }
         for (int64_t r = 0; r < per_task; ++r) {
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum[r]) * qsum[r];
@@ -444,23 +620,18 @@ struct DecodeLayer : torch::CustomClassHolder {
     float* midp = mid.data_ptr<float>();
     const float* hp = h.data_ptr<float>();
     TORCH_CHECK(mid.size(1) == hidden, "o_proj: ", mid.size(1), " outputs for ", hidden);
-    for (int64_t i = 0; i < B * hidden; ++i) midp[i] += hp[i];
+    add_to(midp, hp, B * hidden);
     rms_norm_rows(midp, w_post.data_ptr<float>(), float(eps), B, hidden, x.data_ptr<float>());
     at::Tensor gu = linear(2, x).contiguous();  // [B, 2 I]: gate then up
     TORCH_CHECK(gu.size(1) == 2 * I, "gate_up: ", gu.size(1), " outputs for ", 2 * I);
     at::Tensor act = at::empty({B, I}, h.options());
     const float* gup = gu.data_ptr<float>();
     float* ap = act.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < I; ++i) {
-        const float gt = gup[b * 2 * I + i], up = gup[b * 2 * I + I + i];
-        ap[b * I + i] = gt / (1.f + std::exp(-gt)) * up;
-      }
-    }
+    for (int64_t b = 0; b < B; ++b) silu_mul(gup + b * 2 * I, gup + b * 2 * I + I, ap + b * I, I);
     at::Tensor out = linear(3, act).contiguous();
     TORCH_CHECK(out.size(1) == hidden, "down_proj: ", out.size(1), " outputs for ", hidden);
     float* op = out.data_ptr<float>();
-    for (int64_t i = 0; i < B * hidden; ++i) op[i] += midp[i];
+    add_to(op, midp, B * hidden);
     return out;
   }
 };

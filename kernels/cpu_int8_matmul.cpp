@@ -329,10 +329,63 @@ void run_tile(Isa path, const Layer& L, const Act& A, int64_t n0, int nt, float*
   else tile_portable<B, MB>(L, A, n0, nt, y, ldy, bias);
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// 16 int32 codes (already in -127..127) as 16 bytes, each word's inputs in extraction order; returns their sum.
+inline int32_t narrow16(const float* v, float inv, __m128i perm, int8_t* out) {
+#if defined(__AVX512F__)
+  const __m512 lim = _mm512_set1_ps(127.f);
+  __m512 x = _mm512_mul_ps(_mm512_loadu_ps(v), _mm512_set1_ps(inv));
+  x = _mm512_max_ps(_mm512_min_ps(x, lim), _mm512_set1_ps(-127.f));
+  const __m512i c = _mm512_cvtps_epi32(x);  // round to nearest even, as nearbyint
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_shuffle_epi8(_mm512_cvtepi32_epi8(c), perm));
+  return _mm512_reduce_add_epi32(c);
+#else
+  const __m256 lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f), s = _mm256_set1_ps(inv);
+  const __m256i c0 = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(v), s), lim), nlim));
+  const __m256i c1 = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8), s), lim), nlim));
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xD8);  // 16 int16 in order
+  const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_shuffle_epi8(bytes, perm));
+  const __m256i t = _mm256_add_epi32(c0, c1);
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+  return _mm_cvtsi128_si32(h);
+#endif
+}
+#endif
+
 // Quantize x [M, K] fp32 (K <= Kp; rows K..Kp are zero) into q (permuted), d and the 16-row sums.
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t ablk, int bits, int8_t* q, float* d,
                    int32_t* s) {
   const int64_t nblk = (Kp + ablk - 1) / ablk, G = Kp / GROUP;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // Vectors of 16 inputs = one group; the permutation (r*vpw + t*E + e -> r*vpw + 4e + t) stays inside 16 bytes.
+  const __m128i perm = bits == 4   ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+                       : bits == 2 ? _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+                                   : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) float tail[GROUP];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qm = q + m * Kp;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t k0 = b * ablk, k1 = std::min(Kp, k0 + ablk), kx = std::min(K, k1);
+      float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+      for (int64_t k = k0; k < kx; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      d[m * nblk + b] = amax / 127.f;
+      for (int64_t k = k0; k < k1; k += GROUP) {
+        const float* v = xr + k;
+        if (k + GROUP > K) {  // the last group: zeros past K
+          for (int i = 0; i < GROUP; ++i) tail[i] = k + i < K ? xr[k + i] : 0.f;
+          v = tail;
+        }
+        s[m * G + k / GROUP] = narrow16(v, inv, perm, qm + k);
+      }
+    }
+  }
+#else
   const int vpw = 32 / bits, e_n = 8 / bits;
   std::vector<int8_t> lin(Kp);
   for (int64_t m = 0; m < M; ++m) {
@@ -358,6 +411,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t abl
       s[m * G + g] = acc;
     }
   }
+#endif
 }
 
 template <int B>
