@@ -17,6 +17,7 @@ the same fp32 and bf16 nn.Linear, by default on SmolLM2's tied lm_head (K=576, N
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -55,6 +56,7 @@ class BenchArgs:
     act_dtype: str | None = None  # packed path activations: default fp32 on CPU, bf16 on CUDA
     half: bool = False  # time half_matmul (16-bit weight) instead of the packed kernel
     half_dtype: str = "bfloat16"  # the 16-bit weight's dtype for --half
+    cold: bool = False  # CPU: every candidate cycles through copies of its weights larger than the last-level cache
 
 
 def random_packed(spec: PackSpec, frac: float, device: str, seed: int = 0) -> PackedWeight:
@@ -122,12 +124,55 @@ def _setup(a: BenchArgs) -> tuple[torch.device, torch.dtype]:
     return device, act
 
 
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache (sysconf, else /sys), 32 MiB where neither says."""
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            v = os.sysconf(name)
+        except (ValueError, OSError):
+            v = 0
+        if v > 0:
+            return v
+    try:
+        idx = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))[-1]
+        text = (idx / "size").read_text().strip().upper()
+        return int(text.rstrip("KM")) << (20 if text.endswith("M") else 10)
+    except (IndexError, OSError, ValueError):
+        return 32 << 20
+
+
+def cpu_copies(nbytes: int, cap: int = 1024) -> int:
+    """How many copies of a weight of nbytes make twice the last-level cache (at most cap)."""
+    return max(1, min(cap, -(-2 * last_level_cache_bytes() // max(1, nbytes))))
+
+
+class Rotating:
+    """Calls fns[0], fns[1], ... in turn (each its own weights), so that on the CPU every call reads its weights
+    from memory, as each layer of a decode step does after the other layers have gone through the caches."""
+
+    def __init__(self, fns: list):
+        self.fns, self.i = fns, 0
+
+    def __call__(self, x):
+        self.i = (self.i + 1) % len(self.fns)
+        return self.fns[self.i](x)
+
+
 def _vs_linear(a: BenchArgs, device, act, k: int, n: int, candidate, weight_bytes: int | None = None,
-               copy_bw: float | None = None) -> list[dict]:
+               copy_bw: float | None = None, make_candidate=None) -> list[dict]:
     """For each M: median time of candidate(x [M, K] in act) vs fp32 and bf16 nn.Linear(K, N), alternated in
-    the same run. With copy_bw, also GB/s over weight_bytes + activations against the copy bandwidth."""
+    the same run. With copy_bw, also GB/s over weight_bytes + activations against the copy bandwidth. With
+    a.cold (CPU), each of the three cycles through copies of its weights twice the last-level cache
+    (make_candidate(i) builds the candidate's i-th copy)."""
     lin32 = torch.nn.Linear(k, n, bias=False, device=device)
     lin16 = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    if a.cold and device.type == "cpu":
+        nbytes = weight_bytes or 1
+        candidate = Rotating([candidate] + [make_candidate(i) for i in range(1, cpu_copies(nbytes))])
+        lin32 = Rotating([lin32] + [torch.nn.Linear(k, n, bias=False) for _ in range(cpu_copies(4 * k * n) - 1)])
+        lin16 = Rotating([lin16] + [torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+                                    for _ in range(cpu_copies(2 * k * n) - 1)])
+        copy_bw = None
     rows = []
     for m in a.ms:
         x = torch.randn(m, k, device=device)
@@ -228,7 +273,9 @@ def run(a: BenchArgs) -> list[dict]:
             layer = PackedLinear.from_packed(packed)
             print(f"{k} x {n}: kernel {layer.kernel_name}{' (column-tiled)' if layer.tiled else ''}"
                   f"{', integer path ' + str(int8_isa()) if layer.kernel_name == 'cpu-int8' else ''}", flush=True)
-            rows += _vs_linear(a, device, act, k, n, layer)
+            rows += _vs_linear(a, device, act, k, n, layer, weight_bytes=packed.nbytes,
+                               make_candidate=lambda i: PackedLinear.from_packed(
+                                   random_packed(spec, a.salient_frac, a.device, seed=i)))
     if copy_bw is not None:
         print(f"\ncopy bandwidth ({torch.cuda.get_device_name(device)}): {copy_bw:.0f} GB/s")
     return rows
@@ -240,7 +287,11 @@ def run_half(a: BenchArgs) -> list[dict]:
     rows = []
     for k, n in a.shapes:
         w = (torch.randn(n, k, device=device) / k**0.5).to(getattr(torch, a.half_dtype))
-        rows += _vs_linear(a, device, act, k, n, lambda xa: half_matmul(xa, w))
+        def make(i, k=k, n=n):
+            wi = (torch.randn(n, k, device=device) / k**0.5).to(getattr(torch, a.half_dtype))
+            return lambda xa: half_matmul(xa, wi)
+        rows += _vs_linear(a, device, act, k, n, lambda xa: half_matmul(xa, w), weight_bytes=w.nbytes,
+                           make_candidate=make)
     return rows
 
 
@@ -276,6 +327,9 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
                    help="time kernels.half_linear.half_matmul (16-bit weight) instead of the packed kernel")
     p.add_argument("--half-dtype", default=BenchArgs.half_dtype, choices=["bfloat16", "float16"],
                    help="weight dtype for --half")
+    p.add_argument("--cold", action="store_true",
+                   help="CPU: each candidate cycles through copies of its weights twice the last-level cache, so "
+                        "weights come from memory as in a decode step (default: the same weights every call)")
     ns = p.parse_args(argv)
     shapes: list[tuple[int, int]] = []
     for item in (ns.shapes or ("lm_head" if ns.half else "smollm2")).split(","):
@@ -288,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     return BenchArgs(device=ns.device, shapes=tuple(shapes), ms=tuple(int(m) for m in ns.ms.split(",")),
                      repeats=ns.repeats, warmup=ns.warmup, max_seconds=ns.max_seconds, threads=ns.threads,
                      bits=ns.bits, salient_bits=ns.salient_bits, group_size=ns.group_size,
-                     salient_frac=ns.salient_frac, act_dtype=ns.act_dtype, half=ns.half, half_dtype=ns.half_dtype)
+                     salient_frac=ns.salient_frac, act_dtype=ns.act_dtype, half=ns.half, half_dtype=ns.half_dtype,
+                     cold=ns.cold)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +357,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     header = HEADER + (" GB/s | of copy BW | packed eager us |" if a.device == "cuda" else "")
     print(f"packed b={a.bits} h={a.salient_bits} gs={a.group_size} salient={a.salient_frac:.0%}, "
-          f"threads={torch.get_num_threads() if a.threads is None else a.threads}, device={a.device}\n")
+          f"threads={torch.get_num_threads() if a.threads is None else a.threads}, device={a.device}"
+          + (f", weights from memory (copies over 2 x {last_level_cache_bytes() >> 20} MiB)" if a.cold else "")
+          + "\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     run(a)
