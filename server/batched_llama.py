@@ -132,9 +132,15 @@ class BatchedLlama:
         self.cache.release(slot)
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One new token per sequence: token_ids[i] sits at positions[i] of the sequence in slots[i] (whose
-        earlier positions are cached). Returns float32 logits [B, V]."""
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int],
+               logit_rows: list[int] | None = None) -> torch.Tensor:
+        """One new token per row: token_ids[i] sits at positions[i] of the sequence in slots[i] (whose
+        earlier positions are cached). Returns float32 logits [B, V], or [len(logit_rows), V] for those rows only.
+
+        With the native step (`mixed_prefill`), rows may also be a prompt chunk: consecutive positions of one slot,
+        one row each. Every row's K/V is written before any row attends, and row i attends to positions
+        0 .. positions[i] of its sequence, so a chunk is causal within itself and sees what earlier chunks cached
+        (a prefill as runner.prefill computes it, batched with the decode rows in one call)."""
         b = len(slots)
         cache = self.cache
         for slot, p in zip(slots, positions):
@@ -147,7 +153,7 @@ class BatchedLlama:
             tensors = [t for i in range(len(self.blocks)) for t in cache.layer_tensors(i)]
             h = self.native_stack.forward(h[:, 0], tensors, cache.tables, slot_idx, pos, cos.view(b, -1),
                                           sin.view(b, -1))
-            return self._logits(h)
+            return self._logits(h if logit_rows is None else h[logit_rows])
         # The Python path: each layer's attention reads the sequences' blocks through self.attention (the Triton
         # kernel in place on CUDA; elsewhere the reference, which gathers them into a dense copy).
         for i, blk in enumerate(self.blocks):
@@ -156,7 +162,13 @@ class BatchedLlama:
             o = self.attention(q[:, :, 0], cache.layer_tensors(i), cache.tables, slot_idx, pos)  # [B, H, D]
             mid = blk.mid(h, o.reshape(b, 1, -1))
             h = blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))
-        return self._logits(h[:, 0])
+        return self._logits(h[:, 0] if logit_rows is None else h[logit_rows, 0])
+
+    @property
+    def mixed_prefill(self) -> bool:
+        """Whether decode() takes prompt-chunk rows beside the decode rows: with the native step, on an fp32 or
+        int8 cache (an int4 cache's per-sequence key centers are set by the Python prefill)."""
+        return self.native_stack is not None and self.cache.kind in ("auto", "int8")
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:

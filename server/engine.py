@@ -3,9 +3,11 @@ steps, decodes all running sequences in one forward, and hands each token to a p
 It knows token ids, text and timings; nothing of HTTP.
 
 Prompts are prefilled in chunks under a per-step token budget (max_prefill_tokens, like vLLM's
-max_num_batched_tokens): each step prefills at most that many prompt tokens, oldest admitted first, then
+max_num_batched_tokens): each step prefills at most that many prompt tokens, oldest admitted first, and
 decodes every running sequence, so a long prompt arriving delays the running streams by one chunk per step
-rather than by its whole prefill. (Prompts asking for prompt logprobs are prefilled whole.)
+rather than by its whole prefill. With the native CPU step the chunks ride in the decode step's own call, as
+more rows (vLLM's mixed batches); otherwise each chunk is a prefill call before the decode call. (Prompts asking
+for prompt logprobs are prefilled whole.)
 
 KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt and the first
 generated position) and as it grows; a sequence waits in the queue until those blocks are free. When a running
@@ -192,8 +194,7 @@ class Engine:
                 admitted.append(seq)
         for seq in admitted:
             self._admit(seq)
-        self._prefill_chunks()
-        self._decode()
+        self._decode(self._prefill_chunks())
 
     def _admit(self, seq: _Sequence) -> None:
         seq.scheduled = seq.scheduled or time.monotonic()
@@ -210,10 +211,14 @@ class Engine:
             return
         self._prefilling.append(seq)
 
-    def _prefill_chunks(self) -> None:
+    def _prefill_chunks(self) -> list[tuple[_Sequence, int]]:
         """Prefills up to max_prefill_tokens prompt tokens, oldest admitted sequence first; a sequence whose
-        prompt is complete samples its first token and joins the decode batch."""
+        prompt is complete samples its first token and joins the decode batch. Where the runner takes prompt
+        chunks beside the decode rows (BatchedLlama.mixed_prefill), the chunks are returned as (sequence, tokens)
+        for the decode step's one call instead (_decode finishes them); prompts asking for prompt logprobs are
+        still prefilled here, whole."""
         budget = self.max_prefill_tokens
+        mixed: list[tuple[_Sequence, int]] = []
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
             if self._running.get(seq.slot) is not seq or seq.prefilled >= len(seq.target):  # ended or preempted
@@ -223,6 +228,12 @@ class Engine:
             want_prompt = seq.params.prompt_logprobs is not None and not resumed
             left = len(seq.target) - seq.prefilled
             n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
+            if self.runner.mixed_prefill and not want_prompt:
+                mixed.append((seq, n))
+                budget -= n
+                if n == left:  # its last chunk: the next sequence may take the rest of the budget
+                    self._prefilling.popleft()
+                continue
             try:
                 self._use_threads(n)
                 logits = self.runner.prefill(seq.slot, seq.target[seq.prefilled:seq.prefilled + n],
@@ -244,26 +255,55 @@ class Engine:
                 if self._prefilling and self._prefilling[0] is seq:
                     self._prefilling.popleft()
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+        return mixed
 
-    def _decode(self) -> None:
-        # Sequences with a first token (prefill complete), in slot order: see BatchedLlama.decode.
+    def _decode(self, chunks: list[tuple[_Sequence, int]] = ()) -> None:
+        """One call for every sequence with a first token (prefill complete; in slot order, see
+        BatchedLlama.decode) and the prompt chunks _prefill_chunks left for it (sequence, tokens): their rows
+        after the decode rows, logits only where a prompt completes."""
         seqs = [s for s in self._running.values() if s.output_ids and s.prefilled == len(s.target)]
         seqs = self._grow(seqs)
         seqs.sort(key=lambda s: s.slot)
-        if not seqs:
+        chunks = [(s, n) for s, n in chunks if self._running.get(s.slot) is s]  # _grow may have preempted some
+        if not seqs and not chunks:
             return
+        slots = [s.slot for s in seqs]
+        tokens = [s.output_ids[-1] for s in seqs]
+        positions = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs]
+        logit_rows = list(range(len(seqs)))
+        for seq, n in chunks:
+            start = seq.prefilled
+            slots += [seq.slot] * n
+            tokens += seq.target[start:start + n]
+            positions += range(start, start + n)
+            if start + n == len(seq.target) and not seq.output_ids:  # its prompt completes: sample the first token
+                logit_rows.append(len(slots) - 1)
         try:
-            self._use_threads(len(seqs))
-            logits = self.runner.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
-                                        [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs])
+            self._use_threads(len(slots))
+            logits = self.runner.decode(slots, tokens, positions, logit_rows if chunks else None)
         except Exception as exc:
-            logger.exception("decode step failed; ending %d sequences", len(seqs))
-            for seq in seqs:
+            everyone = seqs + [s for s, _ in chunks]
+            logger.exception("decode step failed; ending %d sequences", len(everyone))
+            for seq in everyone:
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
             return
         for seq, row in zip(seqs, logits):
             try:
                 self._advance(seq, row)
+            except Exception as exc:
+                logger.exception("sampling failed for sequence %d", seq.seq_id)
+                self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+        first = iter(logits[len(seqs):])
+        for seq, n in chunks:
+            seq.prefilled += n
+            if seq.prefilled < len(seq.target) or seq.output_ids:  # more to come, or resumed after a preemption
+                continue
+            row = next(first)
+            try:
+                if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                    self._finish(seq, "length", SeqOutput(None, "", "length", None))
+                else:
+                    self._advance(seq, row)
             except Exception as exc:
                 logger.exception("sampling failed for sequence %d", seq.seq_id)
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))

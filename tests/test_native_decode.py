@@ -181,3 +181,29 @@ def test_lm_head_runs_on_its_own_thread_count_and_restores_it(packed_dir):
         hook.remove()
     assert seen == [2] and torch.get_num_threads() == 1  # one_thread fixture: restored afterwards
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+@torch.inference_mode()
+def test_prompt_chunks_ride_in_the_decode_call(packed_dir, kind):
+    """A prompt prefilled as rows of decode calls (two chunks, beside another sequence's decode rows) caches what
+    runner.prefill caches and gives the same last-position logits, and the decode steps after it agree."""
+    prompt, other = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4], [7, 7, 2]
+    results = {}
+    for mode in ("prefill", "rows"):
+        runner = runner_for(packed_dir, kind=kind)
+        assert runner.mixed_prefill
+        runner.prefill(0, other)
+        runner.cache.ensure(2, len(prompt) + 1)
+        if mode == "prefill":
+            first = runner.prefill(2, prompt)
+            beside = runner.decode([0], [11], [len(other)])[0]
+        else:
+            a = runner.decode([0] + [2] * 12, [11] + prompt[:12], [len(other)] + list(range(12)), logit_rows=[0])
+            b = runner.decode([2] * 8, prompt[12:], list(range(12, 20)), logit_rows=[7])
+            assert a.shape == (1, runner.vocab_size) and b.shape == (1, runner.vocab_size)
+            beside, first = a[0], b[0]
+        steps = [runner.decode([0, 2], [12 + i, 20 + i], [len(other) + 1 + i, len(prompt) + i]) for i in range(3)]
+        results[mode] = (first, beside, torch.stack(steps))
+    for got, want in zip(results["rows"], results["prefill"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

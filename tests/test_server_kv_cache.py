@@ -180,3 +180,37 @@ def test_abort_frees_the_blocks(tiny):
         assert runner.cache.allocator.num_used == 0
     finally:
         engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_packed(tiny_llama_dir, tmp_path_factory):
+    """The tiny model packed (RTN b = 4), loaded: its runner takes the native step and mixed prefill rows."""
+    from mamp.kernels.checkpoint import load_checkpoint
+    from mamp.kernels.ops import load_cpu_ops
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import quantize_model
+
+    if not load_cpu_ops():
+        pytest.skip("the C++ extension cannot be built here")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64)
+    out = tmp_path_factory.mktemp("tiny-packed-engine") / "ckpt"
+    save_quantized(quantize_model(model, spec, None, progress=False), tok, out)
+    return load_checkpoint(out)[0], tok
+
+
+@pytest.mark.parametrize("kind,blocks", [("auto", 64), ("int8", 64), ("auto", 12)])
+def test_prompt_chunks_in_the_decode_call_give_the_same_text(tiny_packed, monkeypatch, kind, blocks):
+    """The engine with prompt chunks riding in the decode step's call (8-token budget: prompts split and batched
+    with running sequences) generates what it generates with separate prefill calls; with a pool of 12 blocks
+    sequences are also preempted and resumed through the mixed path."""
+    model, tok = tiny_packed
+    prompts = [p + " and then the little dog ran to the park to play with the ball" * (i % 3 + 1) for i, p in
+               enumerate(PROMPTS[:6])]
+    mixed, engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind)
+    assert engine.runner.mixed_prefill and (engine.num_preemptions > 0) == (blocks < 64)
+    monkeypatch.setattr(BatchedLlama, "mixed_prefill", property(lambda self: False))
+    apart, _ = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind)
+    assert mixed == apart
