@@ -259,16 +259,16 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
-// out[r * D + i] += sum_{o < cnt} p[r * BS + o] * v[o * D + i] for R rows r: each output chunk held in a register
+// out[r * D + i] += sum_{o < cnt} p[r * ldp + o] * v[o * D + i] for R rows r: each output chunk held in a register
 // across the block's positions (positions in order, as a running sum would take them), stored once per block.
-inline void accumulate_block(float* out, const float* p, int64_t BS, const float* v, int64_t cnt, int64_t R,
+inline void accumulate_block(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R,
                              int64_t D) {
   int64_t c = 0;
 #if defined(__AVX512F__)
   for (; c + 16 <= D; c += 16) {
     for (int64_t r = 0; r < R; ++r) {
       __m512 acc = _mm512_loadu_ps(out + r * D + c);
-      const float* pr = p + r * BS;
+      const float* pr = p + r * ldp;
       for (int64_t o = 0; o < cnt; ++o) acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[o]), _mm512_loadu_ps(v + o * D + c), acc);
       _mm512_storeu_ps(out + r * D + c, acc);
     }
@@ -277,7 +277,7 @@ inline void accumulate_block(float* out, const float* p, int64_t BS, const float
   for (; c + 8 <= D; c += 8) {
     for (int64_t r = 0; r < R; ++r) {
       __m256 acc = _mm256_loadu_ps(out + r * D + c);
-      const float* pr = p + r * BS;
+      const float* pr = p + r * ldp;
       for (int64_t o = 0; o < cnt; ++o) acc = _mm256_fmadd_ps(_mm256_set1_ps(pr[o]), _mm256_loadu_ps(v + o * D + c), acc);
       _mm256_storeu_ps(out + r * D + c, acc);
     }
@@ -286,7 +286,7 @@ inline void accumulate_block(float* out, const float* p, int64_t BS, const float
   for (; c < D; ++c) {
     for (int64_t r = 0; r < R; ++r) {
       float acc = out[r * D + c];
-      for (int64_t o = 0; o < cnt; ++o) acc += p[r * BS + o] * v[o * D + c];
+      for (int64_t o = 0; o < cnt; ++o) acc += p[r * ldp + o] * v[o * D + c];
       out[r * D + c] = acc;
     }
   }
@@ -500,8 +500,8 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t tasks_per_kv = group / per_task;
     at::parallel_for(0, B * KVH * tasks_per_kv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), ab(per_task * D);
-      // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero; and the
-      // block's probabilities (times the value scales) per query head.
+      // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero, and the
+      // block's probabilities times the value scales per query head (fp32 entries use the scores as they are).
       std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
@@ -598,14 +598,19 @@ struct DecodeLayer : torch::CustomClassHolder {
           const int64_t cnt = std::min(BS, n - j0);
           const float *vals, *vs, *vzero;
           load_block(i, cnt, vf, v8, v4, vsc, vz, vsink, vals, vs, vzero);
+          float* out = corep + b * H * D + h0 * D;
+          if (!vs) {  // fp32: the probabilities as they are
+            accumulate_block(out, score.data() + j0, n, vals, cnt, per_task, D);
+            continue;
+          }
           for (int64_t r = 0; r < per_task; ++r) {
             for (int64_t o = 0; o < cnt; ++o) {
               const float p = score[r * n + j0 + o];
-              pw[r * BS + o] = vs ? p * vs[o] : p;
-              if (vzero) zsum[r] += p * vzero[o];  // int4: the zeros' share, added to every element at the end
+              pw[r * BS + o] = p * vs[o];
+              zsum[r] += p * vzero[o];  // int4: the zeros' share, added to every element at the end (int8: 0)
             }
           }
-          accumulate_block(corep + b * H * D + h0 * D, pw.data(), BS, vals, cnt, per_task, D);
+          accumulate_block(out, pw.data(), BS, vals, cnt, per_task, D);
         }
         for (int64_t r = 0; r < per_task; ++r) {
           float* o = corep + b * H * D + (h0 + r) * D;

@@ -330,7 +330,8 @@ void run_tile(Isa path, const Layer& L, const Act& A, int64_t n0, int nt, float*
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// 16 int32 codes (already in -127..127) as 16 bytes, each word's inputs in extraction order; returns their sum.
+// One group: 16 inputs v times inv, rounded to nearest even (nearbyint) and clamped to -127..127, stored as 16
+// int8 codes in the words' extraction order (perm); returns the codes' sum.
 inline int32_t narrow16(const float* v, float inv, __m128i perm, int8_t* out) {
 #if defined(__AVX512F__)
   const __m512 lim = _mm512_set1_ps(127.f);
