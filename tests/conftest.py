@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+import mamp  # noqa: F401  (first: drops the checkout root from sys.path, where `kernels/` shadows PyPI's)
+
+try:  # PyPI's `kernels` (transformers 5.x imports it), cached now: pytest puts the root back for `tests.*` imports
+    import kernels  # noqa: F401
+except ImportError:
+    pass
+
 STORIES_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260K"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -46,8 +46,18 @@ def test_no_top_level_kernels_package_of_ours(tmp_path):
                        env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stderr[-2000:]
     origin = r.stdout.strip()
-    assert origin == "none" or not origin.startswith(str(REPO)), origin
+    assert origin == "none" or not origin.startswith(str(REPO / "kernels")), origin  # PyPI's may sit in .venv
 
+
+
+def test_runs_from_the_checkout_root_load_transformers_llama():
+    """`python -m mamp...` in the checkout puts its root on sys.path, where `kernels/` would shadow PyPI's
+    `kernels`, which transformers 5.x imports with every Llama model; importing mamp first drops the root."""
+    code = "import mamp, transformers.models.llama.modeling_llama, sys; print(sys.path)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert str(REPO) + "'" not in r.stdout and "''" not in r.stdout, r.stdout
 
 def test_serve_flags_reach_the_config():
     from mamp.server.__main__ import parse_args
