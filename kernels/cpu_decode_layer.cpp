@@ -292,6 +292,101 @@ inline void accumulate_block(float* out, const float* p, int64_t ldp, const floa
   }
 }
 
+#if defined(__AVX512F__)
+// The attention's two products register-blocked (AVX-512, head_dim D a multiple of 16; other builds and head
+// sizes use dot and accumulate_block above).
+//
+// Scores: dots[r * BS + o] = q_r . k_o for R query rows and the cnt <= BS keys of a block, four keys at a time: one
+// accumulator per key over D / 16 vector chunks (independent chains), then the four folded into one vector
+// (unpack + add twice: each 128-bit lane holds the four keys' partial sums) and the 128-bit lanes added. A
+// remainder of fewer than four keys goes through dot.
+inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int64_t cnt, float* dots,
+                       int64_t ldd) {
+  int64_t o = 0;
+  for (; D % 16 == 0 && o + 4 <= cnt; o += 4) {  // other head sizes: every key through dot below
+    const float *k0 = k + o * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* qr = q + r * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t c = 0; c < D; c += 16) {
+        const __m512 qv = _mm512_loadu_ps(qr + c);
+        a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + c), a0);
+        a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k1 + c), a1);
+        a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + c), a2);
+        a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + c), a3);
+      }
+      // per 128-bit lane: [a0 a1 a0 a1] pairs, then [a0 a1 a2 a3] partials; the four lanes summed.
+      const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+      const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+      const __m512 t = _mm512_add_ps(
+          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
+          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
+      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+      _mm_storeu_ps(dots + r * ldd + o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
+  }
+  for (; o < cnt; ++o) {
+    for (int64_t r = 0; r < R; ++r) dots[r * ldd + o] = dot(q + r * D, k + o * D, D);
+  }
+}
+
+// Values: out[r * D + :] += sum_{o < cnt} p[r * ldp + o] v[o * D + :] for R <= RB rows with every output chunk
+// (NC = D / 16 of them per row) in its own register across the block: R * NC independent chains, each value chunk
+// loaded once for all rows; positions in order, as accumulate_block takes them (the same sums, the same rounding).
+template <int NC, int RB>
+inline void block_values(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R) {
+  constexpr int64_t D = NC * 16;
+  __m512 acc[RB][NC];
+  for (int64_t r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(out + r * D + c * 16);
+  for (int64_t o = 0; o < cnt; ++o) {
+    __m512 vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + o * D + c * 16);
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * ldp + o]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + r * D + c * 16, acc[r][c]);
+}
+
+template <int NC>
+inline void block_values_rows(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R) {
+  constexpr int RB = NC <= 4 ? 4 : NC <= 5 ? 3 : 2;  // RB * NC accumulators + NC values fit 32 registers
+  for (int64_t r = 0; r < R; r += RB) {
+    block_values<NC, RB>(out + r * NC * 16, p + r * ldp, ldp, v, cnt, std::min<int64_t>(RB, R - r));
+  }
+}
+
+// The blocked value product where the head size allows it (D = 16 .. 128 in steps of 16), else accumulate_block.
+inline void values_block(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R,
+                         int64_t D) {
+  switch (D) {
+    case 16: return block_values_rows<1>(out, p, ldp, v, cnt, R);
+    case 32: return block_values_rows<2>(out, p, ldp, v, cnt, R);
+    case 48: return block_values_rows<3>(out, p, ldp, v, cnt, R);
+    case 64: return block_values_rows<4>(out, p, ldp, v, cnt, R);
+    case 80: return block_values_rows<5>(out, p, ldp, v, cnt, R);
+    case 96: return block_values_rows<6>(out, p, ldp, v, cnt, R);
+    case 112: return block_values_rows<7>(out, p, ldp, v, cnt, R);
+    case 128: return block_values_rows<8>(out, p, ldp, v, cnt, R);
+    default: return accumulate_block(out, p, ldp, v, cnt, R, D);
+  }
+}
+#else
+inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int64_t cnt, float* dots,
+                       int64_t ldd) {
+  for (int64_t o = 0; o < cnt; ++o)
+    for (int64_t r = 0; r < R; ++r) dots[r * ldd + o] = dot(q + r * D, k + o * D, D);
+}
+
+inline void values_block(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R,
+                         int64_t D) {
+  accumulate_block(out, p, ldp, v, cnt, R, D);
+}
+#endif
+
 }  // namespace
 
 struct DecodeLayer : torch::CustomClassHolder {
@@ -502,7 +597,7 @@ struct DecodeLayer : torch::CustomClassHolder {
       std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), ab(per_task * D);
       // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero, and the
       // block's probabilities times the value scales per query head (fp32 entries use the scores as they are).
-      std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS);
+      std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS), dots(per_task * BS);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
@@ -577,11 +672,17 @@ struct DecodeLayer : torch::CustomClassHolder {
           const int64_t cnt = std::min(BS, n - j0);
           const float *keys, *ks, *kzero;
           load_block(i, cnt, kf, k8, k4, ksc, kz, ksink, keys, ks, kzero);
-          for (int64_t o = 0; o < cnt; ++o) {
-            for (int64_t r = 0; r < per_task; ++r) {
-              const float d = dot(qs.data() + r * D, keys + o * D, D);
-              float& s = score[r * n + j0 + o];
-              s = ks ? (d * ks[o] + qsum[r] * kzero[o] + s) * scale : (d + s) * scale;
+          block_dots(qs.data(), per_task, D, keys, cnt, dots.data(), BS);
+          for (int64_t r = 0; r < per_task; ++r) {
+            float* s = score.data() + r * n + j0;
+            const float* dr = dots.data() + r * BS;
+            if (ks) {
+              const float qz = qsum[r];
+#pragma omp simd
+              for (int64_t o = 0; o < cnt; ++o) s[o] = (dr[o] * ks[o] + qz * kzero[o] + s[o]) * scale;
+            } else {
+#pragma omp simd
+              for (int64_t o = 0; o < cnt; ++o) s[o] = (dr[o] + s[o]) * scale;
             }
           }
         }
@@ -600,7 +701,7 @@ struct DecodeLayer : torch::CustomClassHolder {
           load_block(i, cnt, vf, v8, v4, vsc, vz, vsink, vals, vs, vzero);
           float* out = corep + b * H * D + h0 * D;
           if (!vs) {  // fp32: the probabilities as they are
-            accumulate_block(out, score.data() + j0, n, vals, cnt, per_task, D);
+            values_block(out, score.data() + j0, n, vals, cnt, per_task, D);
             continue;
           }
           for (int64_t r = 0; r < per_task; ++r) {
@@ -610,7 +711,7 @@ struct DecodeLayer : torch::CustomClassHolder {
               zsum[r] += p * vzero[o];  // int4: the zeros' share, added to every element at the end (int8: 0)
             }
           }
-          accumulate_block(out, pw.data(), BS, vals, cnt, per_task, D);
+          values_block(out, pw.data(), BS, vals, cnt, per_task, D);
         }
         for (int64_t r = 0; r < per_task; ++r) {
           float* o = corep + b * H * D + (h0 + r) * D;

@@ -73,12 +73,14 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(inter: int = 176, seed: int = 0, tie: bool = True):
+def tiny_llama(inter: int = 176, seed: int = 0, tie: bool = True, heads: int = 4, kv_heads: int = 2,
+               hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=tie)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=512, max_position_embeddings=256,
+                      tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 

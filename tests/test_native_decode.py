@@ -113,6 +113,37 @@ def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, 
     torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads,kv_heads,hidden", [(3, 1, 192), (2, 2, 48), (2, 1, 256)])
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+@torch.inference_mode()
+def test_head_sizes_decode_the_same_logits_natively(tmp_path, float_activations, heads, kv_heads, hidden, kind):
+    """Head sizes the attention's register-blocked products take (64 with three query heads per KV head, as
+    SmolLM2; 128) and one they leave to the plain loops (24, not a multiple of 16): native equals Python over
+    steps that cross block boundaries, with rows of different lengths."""
+    from mamp.quantizer.config import QuantSpec
+    from mamp.quantizer.export import save_quantized
+    from mamp.quantizer.pipeline import quantize_model
+
+    model = tiny_llama(inter=64, tie=False, heads=heads, kv_heads=kv_heads, hidden=hidden)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    spec = QuantSpec.build(method="rtn", bits=4, group_size=16, salient_group_size=16)
+    save_quantized(quantize_model(model, spec, None, progress=False), tiny_tokenizer(), tmp_path / "ckpt")
+    runner = runner_for(tmp_path / "ckpt", kind=kind)
+    native = runner.native
+    assert native is not None, runner.native_reason
+    prompts = {0: list(range(3, 24)), 2: [7, 8], 5: list(range(40, 70))}  # 21, 2 and 30 tokens
+    logits = {}
+    for mode in ("python", "native"):
+        runner.native = native if mode == "native" else None
+        for slot, ids in prompts.items():
+            runner.release(slot)
+            runner.prefill(slot, ids)
+        slots, pos = list(prompts), [len(ids) for ids in prompts.values()]
+        logits[mode] = torch.stack([runner.decode(slots, [10 + t] * 3, [p + t for p in pos]) for t in range(12)])
+    torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["auto", "int4"])
 @torch.inference_mode()
 def test_the_stack_is_the_layers_in_one_call(packed_dir, kind):
