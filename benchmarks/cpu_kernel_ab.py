@@ -1,10 +1,13 @@
 """A/B of the CPU packed kernel: the working tree's extension against the one at a git revision, same weights.
 
     python benchmarks/cpu_kernel_ab.py --rev HEAD --threads 1 --bits 2 --salient-bits 2 --salient-frac 0.3
+    python benchmarks/cpu_kernel_ab.py --rev HEAD --kernel int8 --bits 4 --salient-bits 4 --salient-frac 0.08
 
-Builds kernels/cpu_matmul.cpp (+ cpu_half_matmul.cpp) as they are at --rev into a scratch folder under a name of
-its own, checks both give the same product, then times them alternately with torch's fp32 nn.Linear of the
-same shape (benchmarks/kernels.py's round-robin timer). Prints a markdown table; old/new > 1: the tree is faster.
+Builds the extension's sources (kernels/cpu_*.cpp and cpu_layout.h) as they are at --rev into a scratch folder
+under a name of its own, checks both give the same product, then times them alternately with torch's fp32
+nn.Linear of the same shape (benchmarks/kernels.py's round-robin timer). --kernel float: the float-activation
+kernel on the stored layout; int8: the integer kernel on the column-tiled layout, as the server runs it. Prints a
+markdown table; old/new > 1: the tree is faster.
 """
 from __future__ import annotations
 
@@ -20,10 +23,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.kernels import SHAPE_SETS, random_packed, time_calls  # noqa: E402
-from mamp.kernels import cpu_matmul  # noqa: E402
+from mamp.kernels import cpu_layout, cpu_matmul  # noqa: E402
 from mamp.kernels.packing import PackSpec  # noqa: E402
 
-SOURCES = ("kernels/cpu_matmul.cpp", "kernels/cpu_half_matmul.cpp")
+SOURCES = ("kernels/cpu_matmul.cpp", "kernels/cpu_half_matmul.cpp", "kernels/cpu_int8_matmul.cpp",
+           "kernels/cpu_decode_layer.cpp", "kernels/cpu_layout.h")
+
+
+KERNEL = "float"
+BASELINE: list = [None]
 
 
 def build_at(rev: str):
@@ -32,13 +40,17 @@ def build_at(rev: str):
 
     texts = [subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{s}"], check=True, capture_output=True,
                             text=True).stdout for s in SOURCES]
+    # Its registered ops and classes under a namespace of their own: the tree's extension holds torch.ops.mamp.
+    texts = [t.replace("TORCH_LIBRARY_FRAGMENT(mamp,", "TORCH_LIBRARY_FRAGMENT(mamp_ab,")
+             .replace("TORCH_LIBRARY_IMPL(mamp,", "TORCH_LIBRARY_IMPL(mamp_ab,") for t in texts]
     tag = hashlib.sha1("".join(texts).encode()).hexdigest()[:10]
     build = Path(tempfile.gettempdir()) / f"mamp_cpu_ab_{tag}"
     build.mkdir(exist_ok=True)
     paths = []
     for s, text in zip(SOURCES, texts):
         (build / Path(s).name).write_text(text)
-        paths.append(str(build / Path(s).name))
+        if s.endswith(".cpp"):
+            paths.append(str(build / Path(s).name))
     _, flags = cpu_matmul._arch_flags()
     return load(name=f"mamp_cpu_ab_{tag}", sources=paths, build_directory=str(build),
                 extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
@@ -46,6 +58,11 @@ def build_at(rev: str):
 
 def call(ext, x, p):
     s = p.spec
+    if KERNEL == "int8":  # a registered op only: the tree's under torch.ops.mamp, the baseline's under mamp_ab
+        op = torch.ops.mamp_ab if ext is BASELINE[0] else torch.ops.mamp
+        return op.packed_linear_int8_cpu(x, p.qweight, p.bitmap, p.scales, p.zeros, p.hscales, p.hzeros, None, s.bits,
+                                      s.salient_bits, s.group_size, s.salient_group_size, cpu_matmul.ACT_BLOCK,
+                                      cpu_matmul.INT8_MAX_M, cpu_matmul.SCRATCH_BYTES)
     return ext.packed_linear(x, p.qweight, p.bitmap, p.scales, p.zeros, p.hscales, p.hzeros, None, None, s.bits,
                              s.salient_bits, s.group_size, s.salient_group_size, cpu_matmul.SMALL_M,
                              cpu_matmul.SCRATCH_BYTES)
@@ -61,19 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--salient-frac", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--kernel", default="float", choices=["float", "int8"])
     a = p.parse_args(argv)
+    global KERNEL
+    KERNEL = a.kernel
     torch.set_num_threads(a.threads)
     new, old = cpu_matmul.load_extension(), build_at(a.rev)
+    BASELINE[0] = old
     if new is None:
         print(f"the working tree's extension does not build: {cpu_matmul.ext_error()}", file=sys.stderr)
         return 1
+    isa = cpu_matmul.int8_isa() if a.kernel == "int8" else "float kernel"
     print(f"b = {a.bits}, h = {a.salient_bits}, {a.salient_frac:.0%} salient groups, {a.threads} thread(s), "
-          f"baseline {a.rev}\n")
+          f"baseline {a.rev}, {a.kernel} ({isa})\n")
     print("| K×N | M | baseline µs | tree µs | baseline/tree | fp32 Linear µs | fp32/tree |\n|---|---|---|---|---|---|---|")
     cpu = torch.device("cpu")
     for k, n in SHAPE_SETS[a.shapes]:
         spec = PackSpec(k, n, bits=a.bits, salient_bits=a.salient_bits, group_size=128, salient_group_size=128)
         packed = random_packed(spec, a.salient_frac, "cpu")
+        if a.kernel == "int8":
+            packed = cpu_layout.tile(packed)
         lin = torch.nn.Linear(k, n, bias=False)
         for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k)

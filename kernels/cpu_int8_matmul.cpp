@@ -141,47 +141,58 @@ void tile_portable(const Layer& L, const Act& A, int64_t n0, int nt, float* y, i
 // ---- AVX-512 VNNI ------------------------------------------------------------------------------------------
 #define MAMP_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
+// The words of a row are read as int32 straight from the int8 activation buffer (rows start at multiples of 16
+// bytes), so each broadcast folds into its vpdpbusd as a memory operand.
+typedef int32_t __attribute__((may_alias)) word_alias;
+
 template <int B, int MB>
 MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
                          const float* bias) {
-  constexpr int VPW = 32 / B, WPG = B / 2, E = 8 / B;
+  constexpr int WPG = B / 2, E = 8 / B;
   const __mmask16 lanes = nt == NT ? __mmask16(0xFFFF) : __mmask16((1u << nt) - 1);
   const __m512i cmask = _mm512_set1_epi32(B == 2 ? 0x03030303 : B == 4 ? 0x0F0F0F0F : -1);
-  const int64_t G = L.Kp / GROUP;
+  const int64_t G = L.Kp / GROUP, ld = L.ld;
+  const uint32_t* wq = L.qw_at(0, n0);  // word row r of the tile at wq + r * ld
+  const uint8_t* bmp = L.bm_at(0, n0);
+  const word_alias* xw[MB];  // row m's activation words: word r, extraction e at [r * E + e]
+  const int32_t* xsum[MB];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) {
+    xw[m] = reinterpret_cast<const word_alias*>(A.q + m * A.ldq);
+    xsum[m] = A.s + m * A.lds;
+  }
   __m512 acc[MB];
   __m512i sall[MB], ssal[MB], xsal[MB];
-  int32_t xall[MB];
+#pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) {
     acc[m] = _mm512_setzero_ps();
     sall[m] = ssal[m] = xsal[m] = _mm512_setzero_si512();
-    xall[m] = 0;
   }
+  int64_t g0 = 0;  // the open segment's first group
   for (int64_t g = 0; g < G; ++g) {
-    const __m128i bb = _mm_maskz_loadu_epi8(lanes, L.bm_at(g / 8, n0));
+    const __m128i bb = _mm_maskz_loadu_epi8(lanes, bmp + (g / 8) * ld);
     const __mmask16 sk = _mm_test_epi8_mask(bb, _mm_set1_epi8(char(1 << (g % 8))));
     __m512i t[MB];
+#pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) t[m] = _mm512_setzero_si512();
+#pragma GCC unroll 16
     for (int wi = 0; wi < WPG; ++wi) {
       const int64_t r = g * WPG + wi;
-      _mm_prefetch(reinterpret_cast<const char*>(L.qw_at(r, n0)) + PF_BYTES, _MM_HINT_T0);
-      const __m512i w = _mm512_maskz_loadu_epi32(lanes, L.qw_at(r, n0));
+      const uint32_t* wp = wq + r * ld;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_BYTES, _MM_HINT_T0);
+      const __m512i w = _mm512_maskz_loadu_epi32(lanes, wp);
+#pragma GCC unroll 16
       for (int e = 0; e < E; ++e) {
         const __m512i c = _mm512_and_si512(e ? _mm512_srli_epi32(w, B * e) : w, cmask);
-        for (int m = 0; m < MB; ++m) {
-          int32_t xv;
-          std::memcpy(&xv, A.q + m * A.ldq + r * VPW + 4 * e, 4);
-          t[m] = _mm512_dpbusd_epi32(t[m], c, _mm512_set1_epi32(xv));
-        }
+#pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) t[m] = _mm512_dpbusd_epi32(t[m], c, _mm512_set1_epi32(xw[m][r * E + e]));
       }
     }
-    for (int m = 0; m < MB; ++m) {
-      const int32_t xs = A.s[m * A.lds + g];
-      xall[m] += xs;
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {  // branch-free: with no salient column in the tile the masked adds do nothing
       sall[m] = _mm512_add_epi32(sall[m], t[m]);
-      if (sk) {
-        ssal[m] = _mm512_mask_add_epi32(ssal[m], sk, ssal[m], t[m]);
-        xsal[m] = _mm512_mask_add_epi32(xsal[m], sk, xsal[m], _mm512_set1_epi32(xs));
-      }
+      ssal[m] = _mm512_mask_add_epi32(ssal[m], sk, ssal[m], t[m]);
+      xsal[m] = _mm512_mask_add_epi32(xsal[m], sk, xsal[m], _mm512_set1_epi32(xsum[m][g]));
     }
     const GroupInfo gi = A.gi[g];
     if (gi.close) {
@@ -190,18 +201,22 @@ MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float
       const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.z_at(rs, n0))));
       const __m512 hs = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, L.hsc_at(rh, n0)));
       const __m512 hz = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.hz_at(rh, n0))));
+#pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
+        int32_t xall = 0;  // the segment's activation sum, every column alike
+        for (int64_t k = g0; k <= g; ++k) xall += xsum[m][k];
         const __m512 d = _mm512_set1_ps(A.d[m * A.ldd + gi.rb]);
-        const __m512 nx = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(xall[m]), xsal[m]));
+        const __m512 nx = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(xall), xsal[m]));
         const __m512 fn = _mm512_fnmadd_ps(z, nx, _mm512_cvtepi32_ps(_mm512_sub_epi32(sall[m], ssal[m])));
         const __m512 fh = _mm512_fnmadd_ps(hz, _mm512_cvtepi32_ps(xsal[m]), _mm512_cvtepi32_ps(ssal[m]));
         acc[m] = _mm512_fmadd_ps(d, _mm512_fmadd_ps(hs, fh, _mm512_mul_ps(s, fn)), acc[m]);
         sall[m] = ssal[m] = xsal[m] = _mm512_setzero_si512();
-        xall[m] = 0;
       }
+      g0 = g + 1;
     }
   }
   const __m512 bv = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + m * ldy + n0, lanes, _mm512_add_ps(acc[m], bv));
 }
 
