@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include "cpu_layout.h"
 
@@ -430,28 +431,45 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t abl
 #endif
 }
 
+// The rows' activations quantized, then the tiles, in one parallel region: each thread quantizes its share of
+// the rows, waits for the others at one barrier, and takes a contiguous run of tiles (as at::parallel_for would
+// split them). One fork and join per call, and no thread idle while another quantizes alone.
 template <int B>
-void gemv_int8(const Layer& L, const Act& A, int64_t M, const float* bias, float* y) {
+void gemv_int8(const Layer& L, const float* x, int64_t K, int64_t ablk, const Act& A, int64_t M, const float* bias,
+               float* y) {
   const Isa path = isa();
   const int64_t N = L.N, tiles = (N + NT - 1) / NT;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (L.Kp * NT));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t nth = at::in_parallel_region() ? 1
+                      : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tiles + grain - 1) / grain));
+  int8_t* q = const_cast<int8_t*>(A.q);
+  float* d = const_cast<float*>(A.d);
+  int32_t* s = const_cast<int32_t*>(A.s);
+#pragma omp parallel num_threads(nth)
+  {
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t m0 = M * tid / team, m1 = M * (tid + 1) / team;
+    if (m1 > m0) {
+      quantize_rows(x + m0 * K, m1 - m0, K, L.Kp, ablk, B, q + m0 * A.ldq, d + m0 * A.ldd, s + m0 * A.lds);
+    }
+#pragma omp barrier
+    const int64_t t0 = tiles * tid / team, t1 = tiles * (tid + 1) / team;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * NT;
       const int nt = int(std::min<int64_t>(NT, N - n0));
       int64_t m = 0;
-      auto shifted = [&](int64_t m0) {
+      auto shifted = [&](int64_t mm) {
         Act a = A;
-        a.q += m0 * A.ldq;
-        a.d += m0 * A.ldd;
-        a.s += m0 * A.lds;
+        a.q += mm * A.ldq;
+        a.d += mm * A.ldd;
+        a.s += mm * A.lds;
         return a;
       };
       for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
       for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
       for (; m < M; ++m) run_tile<B, 1>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
     }
-  });
+  }
 }
 
 }  // namespace
@@ -488,8 +506,6 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
   at::Tensor q = at::empty({M, L.Kp}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({M, nblk}, x.options().dtype(at::kFloat));
   at::Tensor s = at::empty({M, G}, x.options().dtype(at::kInt));
-  quantize_rows(xf.data_ptr<float>(), M, K, L.Kp, act_block, int(bits), q.data_ptr<int8_t>(), d.data_ptr<float>(),
-                s.data_ptr<int32_t>());
   const std::vector<GroupInfo> gi = group_info(L.Kp, group_size, salient_group_size, act_block);
   const Act A{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), gi.data(), L.Kp, nblk, G};
   const float* b = nullptr;
@@ -500,8 +516,8 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
     b = bf.data_ptr<float>();
   }
   at::Tensor y = at::empty({M, N}, xf.options());
-  if (bits == 2) gemv_int8<2>(L, A, M, b, y.data_ptr<float>());
-  else if (bits == 4) gemv_int8<4>(L, A, M, b, y.data_ptr<float>());
-  else gemv_int8<8>(L, A, M, b, y.data_ptr<float>());
+  if (bits == 2) gemv_int8<2>(L, xf.data_ptr<float>(), K, act_block, A, M, b, y.data_ptr<float>());
+  else if (bits == 4) gemv_int8<4>(L, xf.data_ptr<float>(), K, act_block, A, M, b, y.data_ptr<float>());
+  else gemv_int8<8>(L, xf.data_ptr<float>(), K, act_block, A, M, b, y.data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
