@@ -77,6 +77,36 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
 // power of two dividing D, butterflies in the same order (bit for bit the reference's result); its own inverse.
 void rotate(float* x, int64_t D) {
   const int64_t P = D & -D;
+#if defined(__AVX512F__)
+  if (P >= 16 && P <= 256) {  // the same butterflies on vectors: fma(+-1, x, partner) rounds as a + b and a - b do
+    const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+    const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+    const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+    const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m512 sc = _mm512_set1_ps(float(1.0 / std::sqrt(double(P))));
+    const int64_t nv = P / 16;
+    __m512 v[16];
+    for (int64_t base = 0; base < D; base += P) {
+      for (int64_t i = 0; i < nv; ++i) {
+        __m512 a = _mm512_loadu_ps(x + base + 16 * i);
+        a = _mm512_fmadd_ps(s1, a, _mm512_permute_ps(a, 0xB1));          // h = 1: partner j ^ 1
+        a = _mm512_fmadd_ps(s2, a, _mm512_permute_ps(a, 0x4E));          // h = 2
+        a = _mm512_fmadd_ps(s4, a, _mm512_shuffle_f32x4(a, a, 0xB1));    // h = 4: 128-bit lanes swapped in pairs
+        v[i] = _mm512_fmadd_ps(s8, a, _mm512_shuffle_f32x4(a, a, 0x4E));  // h = 8
+      }
+      for (int64_t h = 1; h < nv; h *= 2) {  // h = 16, 32, ... elements: whole vectors
+        for (int64_t i = 0; i < nv; ++i) {
+          if (i & h) continue;
+          const __m512 a = v[i], b = v[i + h];
+          v[i] = _mm512_add_ps(a, b);
+          v[i + h] = _mm512_sub_ps(a, b);
+        }
+      }
+      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(x + base + 16 * i, _mm512_mul_ps(v[i], sc));
+    }
+    return;
+  }
+#endif
   for (int64_t base = 0; base < D; base += P) {
     for (int64_t h = 1; h < P; h *= 2) {
       for (int64_t i = 0; i < P; i += 2 * h) {
