@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -39,6 +40,15 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
                               const at::Tensor& hzeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                               int64_t hbits, int64_t group_size, int64_t salient_group_size, int64_t act_block,
                               int64_t small_m, int64_t scratch_bytes);
+// cpu_int8_matmul.cpp: a linear layer prepared once for the integer path, and its product.
+struct Int8Plan;
+std::shared_ptr<const Int8Plan> int8_plan(const at::Tensor& qweight, const at::Tensor& bitmap,
+                                          const at::Tensor& scales, const at::Tensor& zeros,
+                                          const at::Tensor& hscales, const at::Tensor& hzeros, int64_t bits,
+                                          int64_t hbits, int64_t group_size, int64_t salient_group_size,
+                                          int64_t act_block);
+int64_t int8_plan_out(const Int8Plan& p);
+void int8_plan_run(const Int8Plan& p, const float* x, int64_t M, int64_t K, const float* bias, float* y);
 
 namespace {
 
@@ -424,6 +434,7 @@ struct DecodeLayer : torch::CustomClassHolder {
   // salient_group_size; then num_heads, num_kv_heads, head_dim, intermediate, int8 (0/1), act_block, small_m,
   // scratch_bytes.
   Linear lin[4];
+  std::shared_ptr<const Int8Plan> plan[4];  // int8 activations: each linear prepared once (nullptr: not integer)
   at::Tensor w_in, w_post;
   double eps = 1e-6;
   int64_t H = 0, KVH = 0, D = 0, I = 0, int8 = 1, act_block = 64, small_m = 16, scratch = 4 << 20;
@@ -443,10 +454,20 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t* p = ints.data() + 4 * INTS_PER_LINEAR;
     H = p[0], KVH = p[1], D = p[2], I = p[3], int8 = p[4], act_block = p[5], small_m = p[6], scratch = p[7];
     TORCH_CHECK(H > 0 && KVH > 0 && H % KVH == 0 && D > 0 && D % 2 == 0 && I > 0, "DecodeLayer: head geometry");
+    for (int l = 0; l < 4 && int8; ++l) {
+      const Linear& L = lin[l];
+      plan[l] = int8_plan(L.t[0], L.t[1], L.t[2], L.t[3], L.t[4], L.t[5], L.bits, L.hbits, L.gs, L.sgs, act_block);
+    }
   }
 
   at::Tensor linear(int l, const at::Tensor& x) const {
     const Linear& L = lin[l];
+    if (plan[l] && x.size(0) <= small_m) {  // the prepared integer path: no per-call layer view, table or scratch
+      const at::Tensor xc = x.contiguous();
+      at::Tensor y = at::empty({xc.size(0), int8_plan_out(*plan[l])}, xc.options());
+      int8_plan_run(*plan[l], xc.data_ptr<float>(), xc.size(0), xc.size(1), nullptr, y.data_ptr<float>());
+      return y;
+    }
     if (int8) {
       return packed_linear_int8(x, L.t[0], L.t[1], L.t[2], L.t[3], L.t[4], L.t[5], c10::nullopt, L.bits, L.hbits,
                                 L.gs, L.sgs, act_block, small_m, scratch);

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -484,6 +485,49 @@ std::string int8_isa() {
   }
 }
 
+// A layer prepared once for the integer path (kernels/cpu_decode_layer.cpp keeps one per linear): its view of the
+// packed tensors (which the owner keeps alive) and the per-group table, so a call builds neither.
+struct Int8Plan {
+  Layer L;
+  std::vector<GroupInfo> gi;
+  int64_t bits = 0, act_block = 0, nblk = 0, G = 0;
+};
+
+// nullptr where the integer path does not apply (h != b, or b not 2, 4 or 8): the float kernel serves those.
+std::shared_ptr<const Int8Plan> int8_plan(const at::Tensor& qweight, const at::Tensor& bitmap,
+                                          const at::Tensor& scales, const at::Tensor& zeros,
+                                          const at::Tensor& hscales, const at::Tensor& hzeros, int64_t bits,
+                                          int64_t hbits, int64_t group_size, int64_t salient_group_size,
+                                          int64_t act_block) {
+  if (hbits != bits || (bits != 2 && bits != 4 && bits != 8)) return nullptr;
+  TORCH_CHECK(act_block > 0 && act_block % GROUP == 0, "act_block: a positive multiple of 16, got ", act_block);
+  auto p = std::make_shared<Int8Plan>();
+  p->L = mamp_cpu::make_layer(qweight, bitmap, scales, zeros, hscales, hzeros, bits, group_size, salient_group_size);
+  p->gi = group_info(p->L.Kp, group_size, salient_group_size, act_block);
+  p->bits = bits, p->act_block = act_block;
+  p->nblk = (p->L.Kp + act_block - 1) / act_block, p->G = p->L.Kp / GROUP;
+  return p;
+}
+
+int64_t int8_plan_out(const Int8Plan& p) { return p.L.N; }
+
+// y [M, N] = x [M, K] (fp32, rows contiguous) through the plan; the quantized activations in buffers of the
+// calling thread, grown as needed and kept.
+void int8_plan_run(const Int8Plan& p, const float* x, int64_t M, int64_t K, const float* bias, float* y) {
+  TORCH_CHECK(K <= p.L.Kp && p.L.Kp - K < GROUP, "x has ", K, " features for K_pad = ", p.L.Kp);
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d;
+  thread_local std::vector<int32_t> s;
+  const int64_t Kp = p.L.Kp;
+  if (int64_t(q.size()) < M * Kp) q.resize(M * Kp);
+  if (int64_t(d.size()) < M * p.nblk) d.resize(M * p.nblk);
+  if (int64_t(s.size()) < M * p.G) s.resize(M * p.G);
+  const Act A{q.data(), d.data(), s.data(), p.gi.data(), Kp, p.nblk, p.G};
+  if (p.bits == 2) gemv_int8<2>(p.L, x, K, p.act_block, A, M, bias, y);
+  else if (p.bits == 4) gemv_int8<4>(p.L, x, K, p.act_block, A, M, bias, y);
+  else gemv_int8<8>(p.L, x, K, p.act_block, A, M, bias, y);
+}
+
 // x [M, K] any float dtype and strides; returns [M, N] in x's dtype. M <= small_m with h = b takes the integer
 // path; anything else the float kernel (packed_linear of cpu_matmul.cpp).
 at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
@@ -497,17 +541,9 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
     return packed_linear(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, c10::nullopt, bits, hbits,
                          group_size, salient_group_size, small_m, scratch_bytes);
   }
-  TORCH_CHECK(act_block > 0 && act_block % GROUP == 0, "act_block: a positive multiple of 16, got ", act_block);
-  const Layer L = mamp_cpu::make_layer(qweight, bitmap, scales, zeros, hscales, hzeros, bits, group_size,
-                                       salient_group_size);
-  TORCH_CHECK(K <= L.Kp && L.Kp - K < GROUP, "x has ", K, " features for K_pad = ", L.Kp);
+  const auto plan = int8_plan(qweight, bitmap, scales, zeros, hscales, hzeros, bits, hbits, group_size,
+                              salient_group_size, act_block);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t nblk = (L.Kp + act_block - 1) / act_block, G = L.Kp / GROUP;
-  at::Tensor q = at::empty({M, L.Kp}, x.options().dtype(at::kChar));
-  at::Tensor d = at::empty({M, nblk}, x.options().dtype(at::kFloat));
-  at::Tensor s = at::empty({M, G}, x.options().dtype(at::kInt));
-  const std::vector<GroupInfo> gi = group_info(L.Kp, group_size, salient_group_size, act_block);
-  const Act A{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), gi.data(), L.Kp, nblk, G};
   const float* b = nullptr;
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) {
@@ -516,8 +552,6 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
     b = bf.data_ptr<float>();
   }
   at::Tensor y = at::empty({M, N}, xf.options());
-  if (bits == 2) gemv_int8<2>(L, xf.data_ptr<float>(), K, act_block, A, M, b, y.data_ptr<float>());
-  else if (bits == 4) gemv_int8<4>(L, xf.data_ptr<float>(), K, act_block, A, M, b, y.data_ptr<float>());
-  else gemv_int8<8>(L, xf.data_ptr<float>(), K, act_block, A, M, b, y.data_ptr<float>());
+  int8_plan_run(*plan, xf.data_ptr<float>(), M, K, b, y.data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
