@@ -28,6 +28,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include <omp.h>
 
 // Defined in cpu_matmul.cpp and cpu_int8_matmul.cpp (the same module).
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
@@ -644,12 +645,35 @@ struct DecodeLayer : torch::CustomClassHolder {
     // (each then reads its KV head's entries itself).
     const int64_t per_task = B * KVH >= 2 * at::get_num_threads() ? group : 1;
     const int64_t tasks_per_kv = group / per_task;
-    at::parallel_for(0, B * KVH * tasks_per_kv, 1, [&](int64_t t0, int64_t t1) {
+    // Tasks cost as many positions as their row attends to, and rows differ (a new stream beside long ones, a
+    // prompt chunk's rows): each thread gets a list balanced by that cost (longest first, each to the least
+    // loaded thread) instead of an equal run of task numbers.
+    const int64_t ntasks = B * KVH * tasks_per_kv;
+    const int64_t nth =
+        at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+    std::vector<std::vector<int64_t>> lists(nth);
+    auto cost = [&](int64_t t) { return ps[t / (KVH * tasks_per_kv)] + 1 + BS; };
+    bool equal = true;  // rows of one length: contiguous runs, so a thread's query heads share their KV heads
+    for (int64_t b = 1; b < B && equal; ++b) equal = ps[b] / BS == ps[0] / BS;
+    if (equal) {
+      const int64_t chunk = (ntasks + nth - 1) / nth;
+      for (int64_t t = 0; t < ntasks; ++t) lists[t / chunk].push_back(t);
+    } else {
+      std::vector<int64_t> order(ntasks), load(nth, 0);
+      for (int64_t t = 0; t < ntasks; ++t) order[t] = t;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return cost(a) > cost(c); });
+      for (const int64_t t : order) {
+        const int64_t j = std::min_element(load.begin(), load.end()) - load.begin();
+        lists[j].push_back(t);
+        load[j] += cost(t);
+      }
+    }
+    auto attend = [&](const std::vector<int64_t>& mine) {
       std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), ab(per_task * D);
       // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero, and the
       // block's probabilities times the value scales per query head (fp32 entries use the scores as they are).
       std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS), dots(per_task * BS);
-      for (int64_t t = t0; t < t1; ++t) {
+      for (const int64_t t : mine) {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
         const int32_t* trow = table + sl[b] * max_blocks;
@@ -770,7 +794,12 @@ struct DecodeLayer : torch::CustomClassHolder {
           if (kind) rotate(o, D);
         }
       }
-    });
+    };
+#pragma omp parallel num_threads(nth)
+    {
+      // A smaller team than asked for (a thread limit) still covers every list.
+      for (int64_t j = omp_get_thread_num(); j < nth; j += omp_get_num_threads()) attend(lists[j]);
+    }
 
     // mid = h + o_proj(core); the gated MLP on rms_norm(mid).
     at::Tensor mid = linear(1, core).contiguous();
