@@ -428,6 +428,27 @@ inline void values_block(float* out, const float* p, int64_t ldp, const float* v
 }
 #endif
 
+// Tasks 0 .. n - 1 as one list per thread: contiguous runs of equal length (as at::parallel_for splits a range)
+// when equal, else balanced by cost (longest first, each to the least loaded thread).
+template <typename Cost>
+std::vector<std::vector<int64_t>> split_tasks(int64_t n, int64_t nth, bool equal, Cost cost) {
+  std::vector<std::vector<int64_t>> lists(nth);
+  if (equal) {
+    const int64_t chunk = (n + nth - 1) / nth;
+    for (int64_t t = 0; t < n; ++t) lists[t / chunk].push_back(t);
+    return lists;
+  }
+  std::vector<int64_t> order(n), load(nth, 0);
+  for (int64_t t = 0; t < n; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return cost(a) > cost(c); });
+  for (const int64_t t : order) {
+    const int64_t j = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[j].push_back(t);
+    load[j] += cost(t);
+  }
+  return lists;
+}
+
 }  // namespace
 
 struct DecodeLayer : torch::CustomClassHolder {
@@ -651,23 +672,10 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int64_t ntasks = B * KVH * tasks_per_kv;
     const int64_t nth =
         at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
-    std::vector<std::vector<int64_t>> lists(nth);
-    auto cost = [&](int64_t t) { return ps[t / (KVH * tasks_per_kv)] + 1 + BS; };
     bool equal = true;  // rows of one length: contiguous runs, so a thread's query heads share their KV heads
     for (int64_t b = 1; b < B && equal; ++b) equal = ps[b] / BS == ps[0] / BS;
-    if (equal) {
-      const int64_t chunk = (ntasks + nth - 1) / nth;
-      for (int64_t t = 0; t < ntasks; ++t) lists[t / chunk].push_back(t);
-    } else {
-      std::vector<int64_t> order(ntasks), load(nth, 0);
-      for (int64_t t = 0; t < ntasks; ++t) order[t] = t;
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return cost(a) > cost(c); });
-      for (const int64_t t : order) {
-        const int64_t j = std::min_element(load.begin(), load.end()) - load.begin();
-        lists[j].push_back(t);
-        load[j] += cost(t);
-      }
-    }
+    const std::vector<std::vector<int64_t>> lists =
+        split_tasks(ntasks, nth, equal, [&](int64_t t) { return ps[t / (KVH * tasks_per_kv)] + 1 + BS; });
     auto attend = [&](const std::vector<int64_t>& mine) {
       std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), ab(per_task * D);
       // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero, and the

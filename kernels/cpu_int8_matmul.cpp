@@ -435,17 +435,16 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t abl
 // The rows' activations quantized, then the tiles, in one parallel region: each thread quantizes its share of
 // the rows, waits for the others at one barrier, and takes a contiguous run of tiles (as at::parallel_for would
 // split them). One fork and join per call, and no thread idle while another quantizes alone.
+// q [M, Kp], d [M, nblk], s [M, G]: the quantized activations' buffers, written here.
 template <int B>
-void gemv_int8(const Layer& L, const float* x, int64_t K, int64_t ablk, const Act& A, int64_t M, const float* bias,
-               float* y) {
+void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const float* x, int64_t K, int64_t ablk,
+               int8_t* q, float* d, int32_t* s, int64_t M, const float* bias, float* y) {
   const Isa path = isa();
   const int64_t N = L.N, tiles = (N + NT - 1) / NT;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (L.Kp * NT));
   const int64_t nth = at::in_parallel_region() ? 1
                       : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tiles + grain - 1) / grain));
-  int8_t* q = const_cast<int8_t*>(A.q);
-  float* d = const_cast<float*>(A.d);
-  int32_t* s = const_cast<int32_t*>(A.s);
+  const Act A{q, d, s, gi.data(), L.Kp, (L.Kp + ablk - 1) / ablk, L.Kp / GROUP};
 #pragma omp parallel num_threads(nth)
   {
     const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
@@ -490,7 +489,7 @@ std::string int8_isa() {
 struct Int8Plan {
   Layer L;
   std::vector<GroupInfo> gi;
-  int64_t bits = 0, act_block = 0, nblk = 0, G = 0;
+  int64_t bits = 0, act_block = 0;
 };
 
 // nullptr where the integer path does not apply (h != b, or b not 2, 4 or 8): the float kernel serves those.
@@ -505,7 +504,6 @@ std::shared_ptr<const Int8Plan> int8_plan(const at::Tensor& qweight, const at::T
   p->L = mamp_cpu::make_layer(qweight, bitmap, scales, zeros, hscales, hzeros, bits, group_size, salient_group_size);
   p->gi = group_info(p->L.Kp, group_size, salient_group_size, act_block);
   p->bits = bits, p->act_block = act_block;
-  p->nblk = (p->L.Kp + act_block - 1) / act_block, p->G = p->L.Kp / GROUP;
   return p;
 }
 
@@ -518,14 +516,13 @@ void int8_plan_run(const Int8Plan& p, const float* x, int64_t M, int64_t K, cons
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> d;
   thread_local std::vector<int32_t> s;
-  const int64_t Kp = p.L.Kp;
-  if (int64_t(q.size()) < M * Kp) q.resize(M * Kp);
-  if (int64_t(d.size()) < M * p.nblk) d.resize(M * p.nblk);
-  if (int64_t(s.size()) < M * p.G) s.resize(M * p.G);
-  const Act A{q.data(), d.data(), s.data(), p.gi.data(), Kp, p.nblk, p.G};
-  if (p.bits == 2) gemv_int8<2>(p.L, x, K, p.act_block, A, M, bias, y);
-  else if (p.bits == 4) gemv_int8<4>(p.L, x, K, p.act_block, A, M, bias, y);
-  else gemv_int8<8>(p.L, x, K, p.act_block, A, M, bias, y);
+  const int64_t nblk = (p.L.Kp + p.act_block - 1) / p.act_block, G = p.L.Kp / GROUP;
+  if (int64_t(q.size()) < M * p.L.Kp) q.resize(M * p.L.Kp);
+  if (int64_t(d.size()) < M * nblk) d.resize(M * nblk);
+  if (int64_t(s.size()) < M * G) s.resize(M * G);
+  if (p.bits == 2) gemv_int8<2>(p.L, p.gi, x, K, p.act_block, q.data(), d.data(), s.data(), M, bias, y);
+  else if (p.bits == 4) gemv_int8<4>(p.L, p.gi, x, K, p.act_block, q.data(), d.data(), s.data(), M, bias, y);
+  else gemv_int8<8>(p.L, p.gi, x, K, p.act_block, q.data(), d.data(), s.data(), M, bias, y);
 }
 
 // x [M, K] any float dtype and strides; returns [M, N] in x's dtype. M <= small_m with h = b takes the integer

@@ -17,18 +17,38 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_llama(inter=144, tie=False)  # hidden 64, 4 heads of 16, 2 KV heads; FFN 144 = 9 tiles
+    return save_packed(model, tmp_path_factory.mktemp("native") / "ckpt", group_size=64)
+
+
+def save_packed(model, out, group_size: int):
+    """model's weights redrawn at a scale that exercises the kernels, quantized RTN b = 4 and saved to out."""
     from mamp.quantizer.config import QuantSpec
     from mamp.quantizer.export import save_quantized
     from mamp.quantizer.pipeline import quantize_model
 
-    torch.manual_seed(0)
-    model = tiny_llama(inter=144, tie=False)  # hidden 64, 4 heads of 16, 2 KV heads; FFN 144 = 9 tiles
     for p in model.parameters():
         p.data.normal_(0, 0.1)
-    spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64)
-    out = tmp_path_factory.mktemp("native") / "ckpt"
+    spec = QuantSpec.build(method="rtn", bits=4, group_size=group_size, salient_group_size=group_size)
     save_quantized(quantize_model(model, spec, None, progress=False), tiny_tokenizer(), out)
     return out
+
+
+def decode_both_ways(runner, prompts: dict, steps: int) -> dict:
+    """Logits of `steps` batched decode steps after prefilling prompts {slot: ids}, once through the Python
+    stages and once natively (each from a fresh prefill): {"python": [steps, rows, vocab], "native": ...}."""
+    native, logits = runner.native, {}
+    for mode in ("python", "native"):
+        runner.native = native if mode == "native" else None
+        for slot, ids in prompts.items():
+            runner.release(slot)
+            runner.prefill(slot, ids)
+        slots, pos = list(prompts), [len(ids) for ids in prompts.values()]
+        logits[mode] = torch.stack([runner.decode(slots, [10 + t] * len(slots), [p + t for p in pos])
+                                    for t in range(steps)])
+    runner.native = native
+    return logits
 
 
 def runner_for(packed_dir, slots: int = 6, max_len: int = 64, kind: str = "auto", block_size: int = 16) -> BatchedLlama:
@@ -96,20 +116,9 @@ def test_native_layer_equals_the_python_stages(packed_dir, monkeypatch, activati
 def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, kind, block_size):
     """Several steps of batched decode, native against the Python stages (fp32 activations: equal to rounding)."""
     runner = runner_for(packed_dir, kind=kind, block_size=block_size)
-    native = runner.native
-    assert native is not None
+    assert runner.native is not None
     prompts = {1: [5, 6, 7], 3: [9] * 15, 4: [3, 1, 4, 1, 5]}  # row 3 crosses a block boundary while decoding
-    logits = {}
-    for mode in ("python", "native"):
-        runner.native = native if mode == "native" else None
-        for slot, ids in prompts.items():
-            runner.release(slot)
-            runner.prefill(slot, ids)
-        slots, pos = list(prompts), [len(ids) for ids in prompts.values()]
-        steps = []
-        for step in range(4):
-            steps.append(runner.decode(slots, [10 + step] * 3, [p + step for p in pos]))
-        logits[mode] = torch.stack(steps)
+    logits = decode_both_ways(runner, prompts, 4)
     torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
 
 
@@ -120,27 +129,11 @@ def test_head_sizes_decode_the_same_logits_natively(tmp_path, float_activations,
     """Head sizes the attention's register-blocked products take (64 with three query heads per KV head, as
     SmolLM2; 128) and one they leave to the plain loops (24, not a multiple of 16): native equals Python over
     steps that cross block boundaries, with rows of different lengths."""
-    from mamp.quantizer.config import QuantSpec
-    from mamp.quantizer.export import save_quantized
-    from mamp.quantizer.pipeline import quantize_model
-
     model = tiny_llama(inter=64, tie=False, heads=heads, kv_heads=kv_heads, hidden=hidden)
-    for p in model.parameters():
-        p.data.normal_(0, 0.1)
-    spec = QuantSpec.build(method="rtn", bits=4, group_size=16, salient_group_size=16)
-    save_quantized(quantize_model(model, spec, None, progress=False), tiny_tokenizer(), tmp_path / "ckpt")
-    runner = runner_for(tmp_path / "ckpt", kind=kind)
-    native = runner.native
-    assert native is not None, runner.native_reason
+    runner = runner_for(save_packed(model, tmp_path / "ckpt", group_size=16), kind=kind)
+    assert runner.native is not None, runner.native_reason
     prompts = {0: list(range(3, 24)), 2: [7, 8], 5: list(range(40, 70))}  # 21, 2 and 30 tokens
-    logits = {}
-    for mode in ("python", "native"):
-        runner.native = native if mode == "native" else None
-        for slot, ids in prompts.items():
-            runner.release(slot)
-            runner.prefill(slot, ids)
-        slots, pos = list(prompts), [len(ids) for ids in prompts.values()]
-        logits[mode] = torch.stack([runner.decode(slots, [10 + t] * 3, [p + t for p in pos]) for t in range(12)])
+    logits = decode_both_ways(runner, prompts, 12)
     torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
 
 
