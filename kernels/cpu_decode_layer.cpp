@@ -270,6 +270,25 @@ inline void silu_mul(const float* g, const float* u, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
+// n fp16 values to floats (exact), and floats to fp16 (round to nearest even, as torch's .to(torch.float16)).
+inline void halves_to_floats(const at::Half* h, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  }
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  }
+#endif
+  for (; i < n; ++i) out[i] = float(h[i]);
+}
+
+inline void floats_to_halves(const float* x, int64_t n, at::Half* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = at::Half(x[i]);
+}
+
 // y[i] += x[i] (distinct arrays).
 inline void add_to(float* __restrict y, const float* __restrict x, int64_t n) {
 #pragma omp simd
@@ -498,7 +517,7 @@ struct DecodeLayer : torch::CustomClassHolder {
                          L.hbits, L.gs, L.sgs, small_m, scratch);
   }
 
-  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32, or
+  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32 or fp16, or
   // int8 codes [.., D] with fp16 scales k_scale, v_scale [KVH, blocks, BS], or int4 codes [.., D / 2] (uint8)
   // with fp16 scales and zeros, then the key centers mu [rows, KVH, D] fp32, the sinks [rows, 2, KVH, D] fp32
   // (position 0's k and v, rotated, exact) and the RoPE table [D, positions] fp32 (row i < D / 2: cos of pair i
@@ -517,10 +536,13 @@ struct DecodeLayer : torch::CustomClassHolder {
     const at::Tensor& k_cache = cache[0];
     const at::Tensor& v_cache = cache[1];
     const auto st = k_cache.scalar_type();
-    const int kind = st == at::kFloat ? 0 : st == at::kChar ? 8 : st == at::kByte ? 4 : -1;
-    TORCH_CHECK(kind >= 0 && size_t(kind == 0 ? 2 : kind == 8 ? 4 : 9) == cache.size(),
-                "cache: fp32 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales, zeros, key centers, "
-                "sinks and RoPE table");
+    // kind: 0 fp32, 16 fp16 (entries as they are, in half precision), 8 int8, 4 int4 (both quantized after a
+    // Hadamard rotation).
+    const int kind = st == at::kFloat ? 0 : st == at::kHalf ? 16 : st == at::kChar ? 8 : st == at::kByte ? 4 : -1;
+    const bool quantized = kind == 8 || kind == 4;
+    TORCH_CHECK(kind >= 0 && size_t(kind == 8 ? 4 : kind == 4 ? 9 : 2) == cache.size(),
+                "cache: fp32 or fp16 k, v; int8 k, v and fp16 scales; or uint8 (int4) k, v, scales, zeros, key "
+                "centers, sinks and RoPE table");
     const int64_t CD = kind == 4 ? D / 2 : D;
     TORCH_CHECK(v_cache.scalar_type() == st && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                     k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == KVH &&
@@ -610,6 +632,10 @@ struct DecodeLayer : torch::CustomClassHolder {
             for (int64_t i = 0; i < D; ++i) dst[i] = src[i];
             continue;
           }
+          if (kind == 16) {
+            floats_to_halves(src, D, pool.data_ptr<at::Half>() + e * CD);
+            continue;
+          }
           for (int64_t i = 0; i < D; ++i) rot[i] = src[i];
           if (kind == 4 && kv == 0) {
             for (int64_t i = 0; i < D; ++i) rot[i] = src[i] - key_offset(sl[b], g, ps[b], i);
@@ -644,8 +670,10 @@ struct DecodeLayer : torch::CustomClassHolder {
     const int8_t* v8 = kind == 8 ? v_cache.data_ptr<int8_t>() : nullptr;
     const uint8_t* k4 = kind == 4 ? k_cache.data_ptr<uint8_t>() : nullptr;
     const uint8_t* v4 = kind == 4 ? v_cache.data_ptr<uint8_t>() : nullptr;
-    const at::Half* ksc = kind ? cache[2].data_ptr<at::Half>() : nullptr;
-    const at::Half* vsc = kind ? cache[3].data_ptr<at::Half>() : nullptr;
+    const at::Half* kh = kind == 16 ? k_cache.data_ptr<at::Half>() : nullptr;
+    const at::Half* vh = kind == 16 ? v_cache.data_ptr<at::Half>() : nullptr;
+    const at::Half* ksc = quantized ? cache[2].data_ptr<at::Half>() : nullptr;
+    const at::Half* vsc = quantized ? cache[3].data_ptr<at::Half>() : nullptr;
     const at::Half* kz = kind == 4 ? cache[4].data_ptr<at::Half>() : nullptr;
     const at::Half* vz = kind == 4 ? cache[5].data_ptr<at::Half>() : nullptr;
     // The codes of entry e as floats in buf (int4: low nibbles the first half, high nibbles the second).
@@ -697,29 +725,35 @@ struct DecodeLayer : torch::CustomClassHolder {
               a[hd + i] = q[i + hd] * m[i] - q[i] * m[i + hd];
             }
           }
-          if (kind) rotate(qr, D);
+          if (quantized) rotate(qr, D);
           float sum = 0.f;
           for (int64_t i = 0; i < D; ++i) sum += qr[i];
           qsum[r] = sum;
           zsum[r] = 0.f;
         }
         // Block i of the sequence (cnt entries): its rows of D floats, and per-entry scales and zeros (nullptr for
-        // fp32: 1 and 0). fp32 entries are read in place; quantized ones are expanded into blk.
-        // int4: position 0 from the row's sink (exact, rotated), not the pool.
-        auto load_block = [&](int64_t i, int64_t cnt, const float* f, const int8_t* c8, const uint8_t* c4,
-                              const at::Half* sc, const at::Half* zr, const float* sink, const float*& rows_out,
-                              const float*& sc_out, const float*& z_out) {
+        // fp32 and fp16: 1 and 0). fp32 entries are read in place; fp16 ones are converted into blk, quantized
+        // ones expanded into it. int4: position 0 from the row's sink (exact, rotated), not the pool.
+        auto load_block = [&](int64_t i, int64_t cnt, const float* f, const at::Half* f16, const int8_t* c8,
+                              const uint8_t* c4, const at::Half* sc, const at::Half* zr, const float* sink,
+                              const float*& rows_out, const float*& sc_out, const float*& z_out) {
           const int64_t e0 = (g * NB + int64_t(trow[i])) * BS;
           if ((i + 1) * BS < n) {  // the next block: its own place in the pool, so the hardware prefetcher starts late
             const int64_t e1 = (g * NB + int64_t(trow[i + 1])) * BS;
             const char* nxt = f ? reinterpret_cast<const char*>(f + e1 * CD)
+                                : f16 ? reinterpret_cast<const char*>(f16 + e1 * CD)
                                 : c8 ? reinterpret_cast<const char*>(c8 + e1 * CD)
                                      : reinterpret_cast<const char*>(c4 + e1 * CD);
-            const int64_t bytes = BS * CD * (f ? 4 : 1);
+            const int64_t bytes = BS * CD * (f ? 4 : f16 ? 2 : 1);
             for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nxt + off);
           }
           if (f) {
             rows_out = f + e0 * CD, sc_out = nullptr, z_out = nullptr;
+            return;
+          }
+          if (f16) {
+            halves_to_floats(f16 + e0 * CD, cnt * CD, blk.data());
+            rows_out = blk.data(), sc_out = nullptr, z_out = nullptr;
             return;
           }
           for (int64_t o = 0; o < cnt; ++o) {
@@ -754,7 +788,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
           const int64_t cnt = std::min(BS, n - j0);
           const float *keys, *ks, *kzero;
-          load_block(i, cnt, kf, k8, k4, ksc, kz, ksink, keys, ks, kzero);
+          load_block(i, cnt, kf, kh, k8, k4, ksc, kz, ksink, keys, ks, kzero);
           block_dots(qs.data(), per_task, D, keys, cnt, dots.data(), BS);
           for (int64_t r = 0; r < per_task; ++r) {
             float* s = score.data() + r * n + j0;
@@ -781,7 +815,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
           const int64_t cnt = std::min(BS, n - j0);
           const float *vals, *vs, *vzero;
-          load_block(i, cnt, vf, v8, v4, vsc, vz, vsink, vals, vs, vzero);
+          load_block(i, cnt, vf, vh, v8, v4, vsc, vz, vsink, vals, vs, vzero);
           float* out = corep + b * H * D + h0 * D;
           if (!vs) {  // fp32: the probabilities as they are
             values_block(out, score.data() + j0, n, vals, cnt, per_task, D);
@@ -799,7 +833,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         for (int64_t r = 0; r < per_task; ++r) {
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = (o[i] + zsum[r]) * qsum[r];
-          if (kind) rotate(o, D);
+          if (quantized) rotate(o, D);
         }
       }
     };

@@ -38,8 +38,8 @@ import math
 
 import torch
 
-KINDS = ("auto", "int8", "int4")
-STORAGE = {"int8": torch.int8, "int4": torch.uint8}
+KINDS = ("auto", "fp16", "int8", "int4")  # fp16: entries as they are, rounded to half precision (llama.cpp's default)
+STORAGE = {"fp16": torch.float16, "int8": torch.int8, "int4": torch.uint8}
 
 
 def code_dim(kind: str, head_dim: int) -> int:

@@ -1,7 +1,7 @@
 """Decode attention over the paged KV cache: one new query token per sequence attends to that sequence's positions
 0 .. pos, read from its blocks. The tensors are server/kv_cache.py's, as `PagedKVCache.layer_tensors` lists them:
 
-    k, v                       [kv_heads, num_blocks, block_size, D] in the compute dtype ("auto"), int8 codes, or
+    k, v                       [kv_heads, num_blocks, block_size, D] in the compute dtype ("auto") or fp16, int8 codes, or
                                uint8 pairs of int4 codes [.., D / 2] (kernels/kv_quant.py)
     k_scale, v_scale           [kv_heads, num_blocks, block_size] fp16 (int8, int4)
     k_zero, v_zero             the same (int4)
@@ -32,7 +32,7 @@ Attention = Callable[[torch.Tensor, list, torch.Tensor, torch.Tensor, torch.Tens
 
 
 def kind_of(tensors: list[torch.Tensor]) -> str:
-    """The cache's entry kind from its tensors: "auto", "int8" or "int4"."""
+    """The cache's entry kind from its tensors: "auto" (floats: the compute dtype, or fp16), "int8" or "int4"."""
     return {torch.int8: "int8", torch.uint8: "int4"}.get(tensors[0].dtype, "auto")
 
 

@@ -36,7 +36,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 class BatchedLlama:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, kv_cache_dtype: str = "auto",
                  kv_cache_blocks: int | None = None, kv_block_size: int = BLOCK_SIZE):
-        """kv_cache_dtype: auto (the compute dtype), int8 or int4; kv_cache_blocks: the pool's blocks of
+        """kv_cache_dtype: auto (the compute dtype), fp16, int8 or int4; kv_cache_blocks: the pool's blocks of
         kv_block_size tokens (None: enough for max_num_seqs sequences of max_model_len)."""
         config = model.config
         if config.model_type not in SUPPORTED:
@@ -166,9 +166,9 @@ class BatchedLlama:
 
     @property
     def mixed_prefill(self) -> bool:
-        """Whether decode() takes prompt-chunk rows beside the decode rows: with the native step, on an fp32 or
-        int8 cache (an int4 cache's per-sequence key centers are set by the Python prefill)."""
-        return self.native_stack is not None and self.cache.kind in ("auto", "int8")
+        """Whether decode() takes prompt-chunk rows beside the decode rows: with the native step, on an fp32,
+        fp16 or int8 cache (an int4 cache's per-sequence key centers are set by the Python prefill)."""
+        return self.native_stack is not None and self.cache.kind in ("auto", "fp16", "int8")
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:

@@ -1,5 +1,5 @@
 """Paged KV cache: fixed-size blocks of tokens from one pool, a block table per sequence row, and keys and values
-stored as the model's dtype or quantized to int8 / int4 (kernels/kv_quant.py).
+stored as the model's dtype, as fp16, or quantized to int8 / int4 (kernels/kv_quant.py).
 
     cache = PagedKVCache(layers, rows, kv_heads, head_dim, max_len, device, dtype, kind="int8", num_blocks=4096)
     cache.ensure(row, length)     # blocks for positions [0, length) of the sequence in `row` (NoFreeBlocks if not)
@@ -74,8 +74,8 @@ class BlockAllocator:
 
 def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """K and V of one token across all layers, bytes, with scales and zeros."""
-    if kind == "auto":
-        per_head = head_dim * torch.empty((), dtype=dtype).element_size()
+    if kind in ("auto", "fp16"):
+        per_head = head_dim * (torch.empty((), dtype=dtype).element_size() if kind == "auto" else 2)
     else:
         per_head = kv_quant.code_dim(kind, head_dim) + (2 if kind == "int8" else 4)
     return 2 * num_layers * num_kv_heads * per_head
@@ -101,7 +101,7 @@ class PagedKVCache:
         cd = kv_quant.code_dim(kind, head_dim)
         self.k = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
         self.v = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
-        n_meta = {"auto": 0, "int8": 1, "int4": 2}[kind]  # scales, then zeros
+        n_meta = {"auto": 0, "fp16": 0, "int8": 1, "int4": 2}[kind]  # scales, then zeros
         self.meta = [[torch.empty(shape, device=device, dtype=torch.float16) for _ in range(2 * n_meta)]
                      for _ in range(num_layers)]  # per layer: k_scale, v_scale[, k_zero, v_zero]
         self.centers: list[torch.Tensor] = []
@@ -186,9 +186,9 @@ class PagedKVCache:
 
     def _store(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [N, kv_heads, head_dim] to (:, blocks[n], offsets[n])."""
-        if self.kind == "auto":
-            self.k[layer][:, blocks, offsets] = k.transpose(0, 1).to(self.dtype)
-            self.v[layer][:, blocks, offsets] = v.transpose(0, 1).to(self.dtype)
+        if self.kind in ("auto", "fp16"):
+            self.k[layer][:, blocks, offsets] = k.transpose(0, 1).to(self.k[layer].dtype)
+            self.v[layer][:, blocks, offsets] = v.transpose(0, 1).to(self.v[layer].dtype)
             return
         meta = self.meta[layer]
         for j, (pool, x) in enumerate(((self.k[layer], k), (self.v[layer], v))):

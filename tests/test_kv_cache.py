@@ -59,6 +59,7 @@ def test_int4_nibble_order_and_zero_vectors():
 def test_bytes_per_token():
     # SmolLM2-135M: 30 layers, 3 KV heads of 64
     assert bytes_per_token("auto", 30, 3, 64, torch.bfloat16) == 2 * 30 * 3 * 128
+    assert bytes_per_token("fp16", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 128
     assert bytes_per_token("int8", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 66
     assert bytes_per_token("int4", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 36
 
@@ -107,7 +108,7 @@ def test_allocator_hands_out_the_lowest_blocks_first():
     assert alloc.allocate(2) == [1, 3]
 
 
-@pytest.mark.parametrize("kind", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["auto", "fp16", "int8", "int4"])
 def test_paged_reads_match_a_dense_reference(kind):
     """Rows written in chunks and single tokens that straddle block boundaries, blocks interleaved between rows;
     reads of any set of rows equal the dense reference (quantized: its quantize-dequantize)."""
@@ -144,9 +145,11 @@ def test_paged_reads_match_a_dense_reference(kind):
                     off = kv_quant.rope_rotate(mu[:, None], cos[:n], sin[:n])
                     assert torch.equal(cache.centers[layer][r], mu)
                     ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k - off, kind), kind) + off
+                elif kind == "fp16":  # rounded to half precision, read back exactly
+                    ref_k, ref_v = ref_k.half().float(), ref_v.half().float()
                 elif kind != "auto":
                     ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k, kind), kind)
-                if kind != "auto":
+                if kind in ("int8", "int4"):
                     ref_v = kv_quant.dequantize(*kv_quant.quantize(ref_v, kind), kind)
                 if kind == "int4":  # position 0 exact (kept rotated beside the pool)
                     ref_k[:, 0] = kv_quant.rotate(kv_quant.rotate(dense[r][layer, 0, :, 0]))

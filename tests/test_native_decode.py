@@ -72,7 +72,7 @@ def python_layer(runner, i, h, rows, pos):
     return blk.out(mid, blk.mlp_act(blk.mlp_in(mid)))[:, 0]
 
 
-KINDS = ["auto", "int8", "int4"]
+KINDS = ["auto", "fp16", "int8", "int4"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -123,7 +123,7 @@ def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, 
 
 
 @pytest.mark.parametrize("heads,kv_heads,hidden", [(3, 1, 192), (2, 2, 48), (2, 1, 256)])
-@pytest.mark.parametrize("kind", ["auto", "int8"])
+@pytest.mark.parametrize("kind", ["auto", "fp16", "int8"])
 @torch.inference_mode()
 def test_head_sizes_decode_the_same_logits_natively(tmp_path, float_activations, heads, kv_heads, hidden, kind):
     """Head sizes the attention's register-blocked products take (64 with three query heads per KV head, as
@@ -207,7 +207,7 @@ def test_lm_head_runs_on_its_own_thread_count_and_restores_it(packed_dir):
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("kind", ["auto", "int8"])
+@pytest.mark.parametrize("kind", ["auto", "fp16", "int8"])
 @torch.inference_mode()
 def test_prompt_chunks_ride_in_the_decode_call(packed_dir, kind):
     """A prompt prefilled as rows of decode calls (two chunks, beside another sequence's decode rows) caches what

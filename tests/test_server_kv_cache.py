@@ -201,7 +201,7 @@ def tiny_packed(tiny_llama_dir, tmp_path_factory):
     return load_checkpoint(out)[0], tok
 
 
-@pytest.mark.parametrize("kind,blocks", [("auto", 64), ("int8", 64), ("auto", 12)])
+@pytest.mark.parametrize("kind,blocks", [("auto", 64), ("fp16", 64), ("int8", 64), ("auto", 12)])
 def test_prompt_chunks_in_the_decode_call_give_the_same_text(tiny_packed, monkeypatch, kind, blocks):
     """The engine with prompt chunks riding in the decode step's call (8-token budget: prompts split and batched
     with running sequences) generates what it generates with separate prefill calls; with a pool of 12 blocks
