@@ -59,6 +59,22 @@ def test_runs_from_the_checkout_root_load_transformers_llama():
     assert r.returncode == 0, r.stderr[-2000:]
     assert str(REPO) + "'" not in r.stdout and "''" not in r.stdout, r.stdout
 
+
+def test_benchmark_scripts_load_transformers_llama():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path, where benchmarks/kernels.py would shadow PyPI's
+    `kernels` too (and scripts put that folder back for their sibling imports): importing mamp imports PyPI's."""
+    script = REPO / "benchmarks" / "_shadow_probe.py"
+    script.write_text("import sys\nimport mamp\nsys.path.insert(0, sys.path[0])\n"
+                      "import kernels, transformers.models.llama.modeling_llama\nprint(kernels.__file__)\n")
+    try:
+        r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    finally:
+        script.unlink()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "benchmarks" not in r.stdout, r.stdout
+
+
 def test_serve_flags_reach_the_config():
     from mamp.server.__main__ import parse_args
 
