@@ -1,8 +1,8 @@
 """KV-cache dtypes measured through the serving runner's own cache (server/kv_cache.py): perplexity and the KL
-divergence of next-token distributions against the compute-dtype cache, on WikiText-2 (quantizer/eval.py's
-windows: the text tokenized whole without BOS, non-overlapping windows of --seqlen, every window scoring its
-seqlen - 1 next-token predictions), and the most concurrent sequences of --seq-tokens that the allocator fits
-in --memory.
+divergence of next-token distributions against the first kind listed (fp32 by default), on WikiText-2
+(quantizer/eval.py's windows: the text tokenized whole without BOS, non-overlapping windows of --seqlen, every
+window scoring its seqlen - 1 next-token predictions), and the most concurrent sequences of --seq-tokens that
+the allocator fits in --memory.
 
     python benchmarks/kv_cache.py CKPT --text ../shared/assets/wikitext-2-raw/test.txt [--seqlen 2048]
         [--max-windows N] [--memory 1GiB] [--out benchmarks/results/kv_cache.txt]
@@ -32,7 +32,7 @@ from mamp.server.batched_llama import BatchedLlama
 from mamp.server.config import parse_bytes
 from mamp.server.kv_cache import NoFreeBlocks, PagedKVCache, bytes_per_token
 
-KINDS = ("auto", "int8", "int4")
+KINDS = ("fp32", "fp16", "int8", "int4")  # the first listed is the reference ("auto": 16-bit, fp16 on a CPU)
 
 
 def capacity(runner: BatchedLlama, kind: str, memory: int, seq_tokens: int) -> tuple[int, int, int]:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=None, help="default: the whole text")
     p.add_argument("--memory", default="1GiB", help="the fixed KV memory for the capacity count")
     p.add_argument("--seq-tokens", type=int, default=2048)
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=("auto",) + KINDS)
     p.add_argument("--out", default=None, help="also write the table here")
     args = p.parse_args(argv)
 

@@ -38,8 +38,9 @@ import math
 
 import torch
 
-KINDS = ("auto", "fp16", "int8", "int4")  # fp16: entries as they are, rounded to half precision (llama.cpp's default)
-STORAGE = {"fp16": torch.float16, "int8": torch.int8, "int4": torch.uint8}
+# auto: 16-bit (server/kv_cache.resolve_kind); fp32 and fp16: entries as they are, fp16 rounded to half precision
+KINDS = ("auto", "fp32", "fp16", "int8", "int4")
+STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8, "int4": torch.uint8}
 
 
 def code_dim(kind: str, head_dim: int) -> int:

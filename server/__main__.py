@@ -42,9 +42,10 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--cpu-activations", choices=["auto", "int8", "float"], default=d.cpu_activations,
                    help="CPU decode kernel for h = b layers: int8 activations with integer dot products, or fp32 "
                         "(auto: $MAMP_CPU_ACTIVATIONS, else int8)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp16", "int8", "int4"], default=d.kv_cache_dtype,
-                   help="KV cache entries: the compute dtype (auto), or int8 / int4 quantized per token and head on "
-                        "write (1.9x / 3.6x the tokens of a 16-bit cache in the same memory)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "fp16", "int8", "int4"], default=d.kv_cache_dtype,
+                   help="KV cache entries: 16-bit (auto: the compute dtype where it is 16-bit, else fp16), fp32, fp16, "
+                        "or int8 / int4 quantized per token and head on write (1.9x / 3.6x the tokens of a 16-bit "
+                        "cache in the same memory)")
     p.add_argument("--kv-cache-memory", type=_size, default=d.kv_cache_memory, metavar="SIZE",
                    help="KV cache pool, e.g. 2GiB (default: max-num-seqs x max-model-len tokens, at most 4GiB; "
                         "memory is committed as blocks are first used)")

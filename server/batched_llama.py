@@ -36,8 +36,8 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 class BatchedLlama:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, kv_cache_dtype: str = "auto",
                  kv_cache_blocks: int | None = None, kv_block_size: int = BLOCK_SIZE):
-        """kv_cache_dtype: auto (the compute dtype), fp16, int8 or int4; kv_cache_blocks: the pool's blocks of
-        kv_block_size tokens (None: enough for max_num_seqs sequences of max_model_len)."""
+        """kv_cache_dtype: auto (16-bit: server/kv_cache.resolve_kind), fp32, fp16, int8 or int4; kv_cache_blocks:
+        the pool's blocks of kv_block_size tokens (None: enough for max_num_seqs sequences of max_model_len)."""
         config = model.config
         if config.model_type not in SUPPORTED:
             raise ValueError(f"model_type {config.model_type!r} is not served; supported: {', '.join(SUPPORTED)}")
@@ -111,7 +111,7 @@ class BatchedLlama:
         # A later chunk attends to the cached prefix and causally within itself: query i sees keys 0 .. start + i.
         # A quantized cache is read back for every key, this chunk's too, so a token's attention is the same
         # whichever chunk or decode step computes it.
-        in_place = start == 0 and cache.kind == "auto"
+        in_place = start == 0 and cache.kind in ("auto", "fp32")  # entries stored as computed
         mask = None if in_place else (torch.arange(end, device=self.device)[None]
                                       <= torch.arange(start, end, device=self.device)[:, None])
         rows = torch.tensor([slot], device=self.device)
@@ -168,7 +168,7 @@ class BatchedLlama:
     def mixed_prefill(self) -> bool:
         """Whether decode() takes prompt-chunk rows beside the decode rows: with the native step, on an fp32,
         fp16 or int8 cache (an int4 cache's per-sequence key centers are set by the Python prefill)."""
-        return self.native_stack is not None and self.cache.kind in ("auto", "fp16", "int8")
+        return self.native_stack is not None and self.cache.kind in ("auto", "fp32", "fp16", "int8")
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:

@@ -1,5 +1,5 @@
 """Paged KV cache: fixed-size blocks of tokens from one pool, a block table per sequence row, and keys and values
-stored as the model's dtype, as fp16, or quantized to int8 / int4 (kernels/kv_quant.py).
+stored as floats (fp32, fp16; `auto`: 16-bit, resolve_kind) or quantized to int8 / int4 (kernels/kv_quant.py).
 
     cache = PagedKVCache(layers, rows, kv_heads, head_dim, max_len, device, dtype, kind="int8", num_blocks=4096)
     cache.ensure(row, length)     # blocks for positions [0, length) of the sequence in `row` (NoFreeBlocks if not)
@@ -72,10 +72,21 @@ class BlockAllocator:
             heapq.heappush(self._free, b)
 
 
+def resolve_kind(kind: str, dtype: torch.dtype) -> str:
+    """What `auto` stores for a model computing in `dtype`: a 16-bit cache, as llama.cpp and vLLM keep one: the
+    compute dtype where it is 16-bit, fp16 where the model computes in fp32 (the CPU). Other kinds as they are."""
+    if kind == "auto" and dtype == torch.float32:
+        return "fp16"
+    return kind
+
+
 def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """K and V of one token across all layers, bytes, with scales and zeros."""
-    if kind in ("auto", "fp16"):
-        per_head = head_dim * (torch.empty((), dtype=dtype).element_size() if kind == "auto" else 2)
+    kind = resolve_kind(kind, dtype)
+    if kind == "auto":
+        per_head = head_dim * torch.empty((), dtype=dtype).element_size()
+    elif kind in ("fp32", "fp16"):
+        per_head = head_dim * kv_quant.STORAGE[kind].itemsize
     else:
         per_head = kv_quant.code_dim(kind, head_dim) + (2 if kind == "int8" else 4)
     return 2 * num_layers * num_kv_heads * per_head
@@ -87,6 +98,7 @@ class PagedKVCache:
                  block_size: int = BLOCK_SIZE, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         if kind not in KINDS:
             raise ValueError(f"kv cache dtype must be one of {', '.join(KINDS)}, got {kind!r}")
+        kind = resolve_kind(kind, dtype)
         self.num_layers, self.num_rows, self.max_len = num_layers, num_rows, max_len
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
         self.device, self.dtype, self.kind = device, dtype, kind
@@ -101,7 +113,7 @@ class PagedKVCache:
         cd = kv_quant.code_dim(kind, head_dim)
         self.k = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
         self.v = [torch.empty(*shape, cd, device=device, dtype=store) for _ in range(num_layers)]
-        n_meta = {"auto": 0, "fp16": 0, "int8": 1, "int4": 2}[kind]  # scales, then zeros
+        n_meta = {"auto": 0, "fp32": 0, "fp16": 0, "int8": 1, "int4": 2}[kind]  # scales, then zeros
         self.meta = [[torch.empty(shape, device=device, dtype=torch.float16) for _ in range(2 * n_meta)]
                      for _ in range(num_layers)]  # per layer: k_scale, v_scale[, k_zero, v_zero]
         self.centers: list[torch.Tensor] = []
@@ -186,7 +198,7 @@ class PagedKVCache:
 
     def _store(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [N, kv_heads, head_dim] to (:, blocks[n], offsets[n])."""
-        if self.kind in ("auto", "fp16"):
+        if self.kind in ("auto", "fp32", "fp16"):
             self.k[layer][:, blocks, offsets] = k.transpose(0, 1).to(self.k[layer].dtype)
             self.v[layer][:, blocks, offsets] = v.transpose(0, 1).to(self.v[layer].dtype)
             return

@@ -82,7 +82,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
     runner = BatchedLlama(model, config.max_num_seqs, max_len, config.kv_cache_dtype, blocks, config.kv_block_size)
     cache = runner.cache
     logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.1f MiB (%.2fx the tokens of a 16-bit cache)",
-                config.kv_cache_dtype if config.kv_cache_dtype != "auto" else f"{cache.dtype} (auto)",
+                cache.kind if config.kv_cache_dtype != "auto" else f"{cache.kind} (auto)",
                 cache.num_blocks, cache.block_size, cache.capacity_tokens, cache.capacity_bytes / _MIB,
                 cache.bytes_per_token_16bit / cache.bytes_per_token)
     engine = Engine(runner, tokenizer, config.max_num_seqs, config.max_queue,

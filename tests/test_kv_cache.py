@@ -60,6 +60,8 @@ def test_bytes_per_token():
     # SmolLM2-135M: 30 layers, 3 KV heads of 64
     assert bytes_per_token("auto", 30, 3, 64, torch.bfloat16) == 2 * 30 * 3 * 128
     assert bytes_per_token("fp16", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 128
+    assert bytes_per_token("auto", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 128  # fp16 under fp32 compute
+    assert bytes_per_token("fp32", 30, 3, 64, torch.bfloat16) == 2 * 30 * 3 * 256
     assert bytes_per_token("int8", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 66
     assert bytes_per_token("int4", 30, 3, 64, torch.float32) == 2 * 30 * 3 * 36
 
@@ -108,7 +110,16 @@ def test_allocator_hands_out_the_lowest_blocks_first():
     assert alloc.allocate(2) == [1, 3]
 
 
-@pytest.mark.parametrize("kind", ["auto", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("dtype,kind,storage", [(torch.float32, "fp16", torch.float16),
+                                                 (torch.bfloat16, "auto", torch.bfloat16),
+                                                 (torch.float16, "auto", torch.float16)])
+def test_auto_is_a_16_bit_cache(dtype, kind, storage):
+    cache = PagedKVCache(2, 2, 1, 8, max_len=32, device=torch.device("cpu"), dtype=dtype, kind="auto")
+    assert cache.kind == kind and cache.k[0].dtype == storage and cache.meta[0] == []
+    assert cache.bytes_per_token == cache.bytes_per_token_16bit
+
+
+@pytest.mark.parametrize("kind", ["auto", "fp32", "fp16", "int8", "int4"])
 def test_paged_reads_match_a_dense_reference(kind):
     """Rows written in chunks and single tokens that straddle block boundaries, blocks interleaved between rows;
     reads of any set of rows equal the dense reference (quantized: its quantize-dequantize)."""
@@ -145,9 +156,9 @@ def test_paged_reads_match_a_dense_reference(kind):
                     off = kv_quant.rope_rotate(mu[:, None], cos[:n], sin[:n])
                     assert torch.equal(cache.centers[layer][r], mu)
                     ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k - off, kind), kind) + off
-                elif kind == "fp16":  # rounded to half precision, read back exactly
+                elif kind in ("auto", "fp16"):  # rounded to half precision (auto under fp32), read back exactly
                     ref_k, ref_v = ref_k.half().float(), ref_v.half().float()
-                elif kind != "auto":
+                elif kind == "int8":
                     ref_k = kv_quant.dequantize(*kv_quant.quantize(ref_k, kind), kind)
                 if kind in ("int8", "int4"):
                     ref_v = kv_quant.dequantize(*kv_quant.quantize(ref_v, kind), kind)

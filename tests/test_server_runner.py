@@ -1,4 +1,5 @@
-"""The batched runner against HF's own forward, and the engine's pure-Python parts."""
+"""The batched runner against HF's own forward (on an fp32 KV cache: HF keeps keys and values as computed), and the
+engine's pure-Python parts."""
 from __future__ import annotations
 
 import pytest
@@ -32,7 +33,7 @@ def _hf_last_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_prefill_matches_hf_at_every_position(hf_model):
-    runner = BatchedLlama(hf_model, max_num_seqs=2, max_model_len=512)
+    runner = BatchedLlama(hf_model, max_num_seqs=2, max_model_len=512, kv_cache_dtype="fp32")
     ids = torch.randint(0, 512, (17,)).tolist()
     ours = runner.prefill(1, ids, all_logits=True)
     with torch.no_grad():
@@ -43,7 +44,7 @@ def test_prefill_matches_hf_at_every_position(hf_model):
 
 def test_chunked_prefill_matches_one_shot(hf_model):
     """A prompt prefilled in chunks (each attending to the cached prefix) gives the one-shot logits and cache."""
-    runner = BatchedLlama(hf_model, max_num_seqs=2, max_model_len=512)
+    runner = BatchedLlama(hf_model, max_num_seqs=2, max_model_len=512, kv_cache_dtype="fp32")
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3)).tolist()
     whole = runner.prefill(0, ids, all_logits=True)
     parts = [runner.prefill(1, ids[a:b], all_logits=True, start=a) for a, b in ((0, 7), (7, 100), (100, 300))]
@@ -58,7 +59,7 @@ def test_chunked_prefill_matches_one_shot(hf_model):
 @pytest.mark.parametrize("layout,leaves", [([(3, 1), (0, 7), (2, 300)], 0), ([(1, 1), (2, 7), (3, 300)], 1)],
                          ids=["scattered-rows", "dense-rows"])
 def test_batched_decode_of_different_lengths_matches_hf(hf_model, layout, leaves):
-    runner = BatchedLlama(hf_model, max_num_seqs=4, max_model_len=512)
+    runner = BatchedLlama(hf_model, max_num_seqs=4, max_model_len=512, kv_cache_dtype="fp32")
     gen = torch.Generator().manual_seed(1)
     seqs = {slot: torch.randint(0, 512, (n,), generator=gen).tolist() for slot, n in layout}
     for slot, ids in seqs.items():
