@@ -1,6 +1,6 @@
 """Decode-step time of the serving runner by KV-cache dtype (and block size), in alternating rounds.
 
-    python benchmarks/kv_decode_speed.py CKPT [--kinds auto int8 int4] [--contexts 128 1024] [--batches 1 16]
+    python benchmarks/kv_decode_speed.py CKPT [--kinds fp32 fp16 int8 int4] [--contexts 128 1024] [--batches 1 16]
         [--block-sizes 16] [--threads 2] [--rounds 5]
 
 For each (cached tokens, batch): every runner prefills `batch` sequences of that many tokens, then each round
@@ -28,7 +28,7 @@ from mamp.server.kv_cache import PagedKVCache  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
-    p.add_argument("--kinds", nargs="+", default=["auto", "int8", "int4"])
+    p.add_argument("--kinds", nargs="+", default=["fp32", "fp16", "int8", "int4"])
     p.add_argument("--contexts", nargs="+", type=int, default=[128, 1024])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--block-sizes", nargs="+", type=int, default=[16])

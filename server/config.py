@@ -58,8 +58,9 @@ class ServerConfig:
     # Decode activations of the CPU kernel for h = b layers: int8 (integer dot products) or float; auto keeps
     # MAMP_CPU_ACTIVATIONS (default int8)
     cpu_activations: CpuActivations = "auto"
-    # KV cache: keys and values as the compute dtype (auto), or quantized on write (int8: per token and head,
-    # symmetric; int4: per token and head, asymmetric; kernels/kv_quant.py), in blocks of 16 tokens from one pool
+    # KV cache: keys and values as floats (auto: 16-bit, fp16 under fp32 compute; fp32; fp16), or quantized on write
+    # (int8: per token and head, symmetric; int4: per token and head, asymmetric; kernels/kv_quant.py), in blocks
+    # of 16 tokens from one pool
     kv_cache_dtype: KVCacheDtype = "auto"
     # The pool's size in bytes; None: enough for max_num_seqs sequences of max_model_len, at most
     # DEFAULT_KV_CACHE_MEMORY (pages are committed as blocks are first used, so memory follows live tokens)
