@@ -155,8 +155,11 @@ typedef int32_t __attribute__((may_alias)) word_alias;
 // bit picks s or hs with one blend, shared by the rows) and the group's zero term taken off (z s or hz hs times
 // the group's activation sum): u += a t - b X_g. No per-row routing of integer sums; a segment's u is scaled by
 // the activation block's d where the segment closes. (The AVX2 and portable tiles route integer sums instead;
-// both are the same product up to fp32 rounding.)
-template <int B, int MB>
+// both are the same product up to fp32 rounding.) SAL = false: no column of the tile has a salient group (an lm_head,
+// RTN and GPTQ checkpoints: the bitmap is empty), so every group of a segment is on the normal grid, the integer
+// sums run on over the whole segment and the scales are applied once at its close: four vpdpbusd per row and group
+// and nothing else.
+template <int B, int MB, bool SAL>
 MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
                          const float* bias) {
   constexpr int WPG = B / 2, E = 8 / B;
@@ -176,23 +179,31 @@ MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float
 #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) acc[m] = u[m] = _mm512_setzero_ps();
   __m512 s, hs, sz, hsz;  // the open segment's scales and scale x zero of both grids
+  __m512 a, b;            // this group's: the grid each column's bit picks
+  __m512i t[MB];          // the code x activation sums: of the group (SAL), of the open segment (!SAL)
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) t[m] = _mm512_setzero_si512();
   bool fresh = true;      // a segment opens at this group: load its scales
+  int64_t g0 = 0;         // the open segment's first group
   for (int64_t g = 0; g < G; ++g) {
     const GroupInfo gi = A.gi[g];
     if (fresh) {
       s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, L.sc_at(gi.rs, n0)));
-      hs = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, L.hsc_at(gi.rh, n0)));
       sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.z_at(gi.rs, n0)))));
-      hsz = _mm512_mul_ps(hs,
-                          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.hz_at(gi.rh, n0)))));
+      if constexpr (SAL) {
+        hs = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, L.hsc_at(gi.rh, n0)));
+        hsz = _mm512_mul_ps(hs,
+                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, L.hz_at(gi.rh, n0)))));
+      }
       fresh = false;
     }
-    const __m128i bb = _mm_maskz_loadu_epi8(lanes, bmp + (g / 8) * ld);
-    const __mmask16 sk = _mm_test_epi8_mask(bb, _mm_set1_epi8(char(1 << (g % 8))));
-    const __m512 a = _mm512_mask_blend_ps(sk, s, hs), b = _mm512_mask_blend_ps(sk, sz, hsz);
-    __m512i t[MB];
+    if constexpr (SAL) {
+      const __m128i bb = _mm_maskz_loadu_epi8(lanes, bmp + (g / 8) * ld);
+      const __mmask16 sk = _mm_test_epi8_mask(bb, _mm_set1_epi8(char(1 << (g % 8))));
+      a = _mm512_mask_blend_ps(sk, s, hs), b = _mm512_mask_blend_ps(sk, sz, hsz);
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) t[m] = _mm512_setzero_si512();
+      for (int m = 0; m < MB; ++m) t[m] = _mm512_setzero_si512();
+    }
 #pragma GCC unroll 16
     for (int wi = 0; wi < WPG; ++wi) {
       const int64_t r = g * WPG + wi;
@@ -206,18 +217,27 @@ MAMP_VNNI void tile_vnni(const Layer& L, const Act& A, int64_t n0, int nt, float
         for (int m = 0; m < MB; ++m) t[m] = _mm512_dpbusd_epi32(t[m], c, _mm512_set1_epi32(xw[m][r * E + e]));
       }
     }
+    if constexpr (SAL) {
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) {
-      u[m] = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(t[m]), u[m]);
-      u[m] = _mm512_fnmadd_ps(b, _mm512_set1_ps(xsum[m][g]), u[m]);
+      for (int m = 0; m < MB; ++m) {
+        u[m] = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(t[m]), u[m]);
+        u[m] = _mm512_fnmadd_ps(b, _mm512_set1_ps(xsum[m][g]), u[m]);
+      }
     }
     if (gi.close) {
 #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
+        if constexpr (!SAL) {  // u = s S - s z X over the segment (X: sums of integers, exact in fp32)
+          float xs = 0.f;
+          for (int64_t k = g0; k <= g; ++k) xs += xsum[m][k];
+          u[m] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xs), _mm512_mul_ps(s, _mm512_cvtepi32_ps(t[m])));
+          t[m] = _mm512_setzero_si512();
+        }
         acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(A.d[m * A.ldd + gi.rb]), u[m], acc[m]);
         u[m] = _mm512_setzero_ps();
       }
       fresh = true;
+      g0 = g + 1;
     }
   }
   const __m512 bv = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0) : _mm512_setzero_ps();
@@ -342,11 +362,25 @@ Isa isa() {
 }
 
 template <int B, int MB>
-void run_tile(Isa path, const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
+void run_tile(Isa path, bool sal, const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
               const float* bias) {
-  if (path == Isa::Vnni) tile_vnni<B, MB>(L, A, n0, nt, y, ldy, bias);
+  if (path == Isa::Vnni) {
+    if (sal) tile_vnni<B, MB, true>(L, A, n0, nt, y, ldy, bias);
+    else tile_vnni<B, MB, false>(L, A, n0, nt, y, ldy, bias);
+  }
   else if (path == Isa::Avx2) tile_avx2<B, MB>(L, A, n0, nt, y, ldy, bias);
   else tile_portable<B, MB>(L, A, n0, nt, y, ldy, bias);
+}
+
+// Whether any column of the tile at n0 has a salient group (a bit of its bitmap set).
+bool any_salient(const Layer& L, int64_t n0, int nt) {
+  const int64_t rows = (L.Kp / GROUP + 7) / 8;
+  uint8_t bits = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* p = L.bm_at(r, n0);
+    for (int j = 0; j < nt; ++j) bits |= p[j];
+  }
+  return bits != 0;
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -473,12 +507,16 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const float* x,
         a.sf += mm * A.lds;
         return a;
       };
+      const bool sal = any_salient(L, n0, nt);
       if (path == Isa::Vnni) {  // 8 rows per pass where 32 registers hold them (the others: 16)
-        for (; m + 8 <= M; m += 8) tile_vnni<B, 8>(L, shifted(m), n0, nt, y + m * N, N, bias);
+        for (; m + 8 <= M; m += 8) {
+          if (sal) tile_vnni<B, 8, true>(L, shifted(m), n0, nt, y + m * N, N, bias);
+          else tile_vnni<B, 8, false>(L, shifted(m), n0, nt, y + m * N, N, bias);
+        }
       }
-      for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
-      for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
-      for (; m < M; ++m) run_tile<B, 1>(path, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, sal, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, sal, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m < M; ++m) run_tile<B, 1>(path, sal, L, shifted(m), n0, nt, y + m * N, N, bias);
     }
   }
 }
