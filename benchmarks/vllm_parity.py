@@ -4,8 +4,9 @@ difference over them.
 
     python benchmarks/vllm_parity.py MAMP_URL VLLM_URL [--model NAME]
 
-Start both first, on one checkpoint, e.g. (fp32 activations in both, as docs/RESULTS.md ran it):
-    MAMP_CPU_ACTIVATIONS=float python -m mamp.server --model CKPT --port 8412 --served-model-name smol
+Start both first, on one checkpoint, e.g. (fp32 activations and an fp32 KV cache in both, as docs/RESULTS.md ran it):
+    MAMP_CPU_ACTIVATIONS=float python -m mamp.server --model CKPT --port 8412 --served-model-name smol \\
+        --kv-cache-dtype fp32
     MAMP_CPU_ACTIVATIONS=float VLLM_CPU_KVCACHE_SPACE=1 VENV/bin/python -m vllm.entrypoints.openai.api_server \\
         --model CKPT --served-model-name smol --port 8411 --dtype float32 --enforce-eager
 """

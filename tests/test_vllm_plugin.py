@@ -100,7 +100,8 @@ def test_vllm_serves_a_mamp_checkpoint_like_mamp(tmp_path, stories_dir, head_bit
                 ("vllm", [os.environ["MAMP_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model",
                           str(ckpt), "--served-model-name", "m", "--dtype", "float32", "--enforce-eager",
                           "--max-model-len", "256", "--max-num-seqs", "4"]),
-                ("mamp", [sys.executable, "-m", "mamp.server", "--model", str(ckpt), "--served-model-name", "m"])):
+                ("mamp", [sys.executable, "-m", "mamp.server", "--model", str(ckpt), "--served-model-name", "m",
+                          "--kv-cache-dtype", "fp32"])):  # as vLLM keeps it under --dtype float32
             port = _free_port()
             log = tmp_path / f"{name}.log"
             with open(log, "wb") as out:
