@@ -517,9 +517,9 @@ struct DecodeLayer : torch::CustomClassHolder {
                          L.hbits, L.gs, L.sgs, small_m, scratch);
   }
 
-  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32 or fp16, or
-  // int8 codes [.., D] with fp16 scales k_scale, v_scale [KVH, blocks, BS], or int4 codes [.., D / 2] (uint8)
-  // with fp16 scales and zeros, then the key centers mu [rows, KVH, D] fp32, the sinks [rows, 2, KVH, D] fp32
+  // h [B, hidden] fp32; cache: this layer's paged cache (server/kv_cache.py), k, v [KVH, blocks, BS, D] fp32 or
+  // fp16, or int8 codes [.., D] with fp16 scales k_scale, v_scale [KVH, blocks, BS], or int4 codes [.., D / 2]
+  // (uint8) with fp16 scales and zeros, then the key centers mu [rows, KVH, D] fp32, the sinks [rows, 2, KVH, D] fp32
   // (position 0's k and v, rotated, exact) and the RoPE table [D, positions] fp32 (row i < D / 2: cos of pair i
   // at each position, row D / 2 + i: its sin; kernels/kv_quant.py: an int4 key is stored as k - R(p) mu); table [rows, max_blocks] int32 maps a row's block i to its
   // pool block; slots (rows), positions [B] int64; cos, sin [B, D] fp32. The new k, v are written (quantized)

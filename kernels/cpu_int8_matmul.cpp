@@ -362,25 +362,31 @@ Isa isa() {
 }
 
 template <int B, int MB>
+void vnni_tile(bool sal, const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy, const float* bias) {
+  if (sal) tile_vnni<B, MB, true>(L, A, n0, nt, y, ldy, bias);
+  else tile_vnni<B, MB, false>(L, A, n0, nt, y, ldy, bias);
+}
+
+template <int B, int MB>
 void run_tile(Isa path, bool sal, const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
               const float* bias) {
-  if (path == Isa::Vnni) {
-    if (sal) tile_vnni<B, MB, true>(L, A, n0, nt, y, ldy, bias);
-    else tile_vnni<B, MB, false>(L, A, n0, nt, y, ldy, bias);
-  }
+  if (path == Isa::Vnni) vnni_tile<B, MB>(sal, L, A, n0, nt, y, ldy, bias);
   else if (path == Isa::Avx2) tile_avx2<B, MB>(L, A, n0, nt, y, ldy, bias);
   else tile_portable<B, MB>(L, A, n0, nt, y, ldy, bias);
 }
 
-// Whether any column of the tile at n0 has a salient group (a bit of its bitmap set).
-bool any_salient(const Layer& L, int64_t n0, int nt) {
-  const int64_t rows = (L.Kp / GROUP + 7) / 8;
-  uint8_t bits = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* p = L.bm_at(r, n0);
-    for (int j = 0; j < nt; ++j) bits |= p[j];
+// Per 16-column tile: whether any of its columns has a salient group (a bit of its bitmap set).
+std::vector<uint8_t> salient_tiles(const Layer& L) {
+  const int64_t rows = (L.Kp / GROUP + 7) / 8, tiles = (L.N + NT - 1) / NT;
+  std::vector<uint8_t> sal(tiles, 0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int nt = int(std::min<int64_t>(NT, L.N - t * NT));
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* p = L.bm_at(r, t * NT);
+      for (int j = 0; j < nt; ++j) sal[t] |= p[j];
+    }
   }
-  return bits != 0;
+  return sal;
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -475,10 +481,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t abl
 // The rows' activations quantized, then the tiles, in one parallel region: each thread quantizes its share of
 // the rows, waits for the others at one barrier, and takes a contiguous run of tiles (as at::parallel_for would
 // split them). One fork and join per call, and no thread idle while another quantizes alone.
-// q [M, Kp], d [M, nblk], s [M, G]: the quantized activations' buffers, written here.
+// q [M, Kp], d [M, nblk], s [M, G], sf [M, G]: the quantized activations' buffers, written here;
+// sal: salient_tiles(L).
 template <int B>
-void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const float* x, int64_t K, int64_t ablk,
-               int8_t* q, float* d, int32_t* s, float* sf, int64_t M, const float* bias, float* y) {
+void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* sal, const float* x, int64_t K,
+               int64_t ablk, int8_t* q, float* d, int32_t* s, float* sf, int64_t M, const float* bias, float* y) {
   const Isa path = isa();
   const int64_t N = L.N, tiles = (N + NT - 1) / NT;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (L.Kp * NT));
@@ -507,16 +514,13 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const float* x,
         a.sf += mm * A.lds;
         return a;
       };
-      const bool sal = any_salient(L, n0, nt);
+      const bool st = sal[t];
       if (path == Isa::Vnni) {  // 8 rows per pass where 32 registers hold them (the others: 16)
-        for (; m + 8 <= M; m += 8) {
-          if (sal) tile_vnni<B, 8, true>(L, shifted(m), n0, nt, y + m * N, N, bias);
-          else tile_vnni<B, 8, false>(L, shifted(m), n0, nt, y + m * N, N, bias);
-        }
+        for (; m + 8 <= M; m += 8) vnni_tile<B, 8>(st, L, shifted(m), n0, nt, y + m * N, N, bias);
       }
-      for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, sal, L, shifted(m), n0, nt, y + m * N, N, bias);
-      for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, sal, L, shifted(m), n0, nt, y + m * N, N, bias);
-      for (; m < M; ++m) run_tile<B, 1>(path, sal, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
+      for (; m < M; ++m) run_tile<B, 1>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
     }
   }
 }
@@ -534,10 +538,12 @@ std::string int8_isa() {
 }
 
 // A layer prepared once for the integer path (kernels/cpu_decode_layer.cpp keeps one per linear): its view of the
-// packed tensors (which the owner keeps alive) and the per-group table, so a call builds neither.
+// packed tensors (which the owner keeps alive), the per-group table and which tiles have salient groups, so a
+// call builds none of them.
 struct Int8Plan {
   Layer L;
   std::vector<GroupInfo> gi;
+  std::vector<uint8_t> sal;
   int64_t bits = 0, act_block = 0;
 };
 
@@ -552,6 +558,7 @@ std::shared_ptr<const Int8Plan> int8_plan(const at::Tensor& qweight, const at::T
   auto p = std::make_shared<Int8Plan>();
   p->L = mamp_cpu::make_layer(qweight, bitmap, scales, zeros, hscales, hzeros, bits, group_size, salient_group_size);
   p->gi = group_info(p->L.Kp, group_size, salient_group_size, act_block);
+  p->sal = salient_tiles(p->L);
   p->bits = bits, p->act_block = act_block;
   return p;
 }
@@ -570,9 +577,12 @@ void int8_plan_run(const Int8Plan& p, const float* x, int64_t M, int64_t K, cons
   if (int64_t(q.size()) < M * p.L.Kp) q.resize(M * p.L.Kp);
   if (int64_t(d.size()) < M * nblk) d.resize(M * nblk);
   if (int64_t(s.size()) < M * G) s.resize(M * G), sf.resize(M * G);
-  if (p.bits == 2) gemv_int8<2>(p.L, p.gi, x, K, p.act_block, q.data(), d.data(), s.data(), sf.data(), M, bias, y);
-  else if (p.bits == 4) gemv_int8<4>(p.L, p.gi, x, K, p.act_block, q.data(), d.data(), s.data(), sf.data(), M, bias, y);
-  else gemv_int8<8>(p.L, p.gi, x, K, p.act_block, q.data(), d.data(), s.data(), sf.data(), M, bias, y);
+  auto run = [&](auto gemv) {
+    gemv(p.L, p.gi, p.sal.data(), x, K, p.act_block, q.data(), d.data(), s.data(), sf.data(), M, bias, y);
+  };
+  if (p.bits == 2) run(gemv_int8<2>);
+  else if (p.bits == 4) run(gemv_int8<4>);
+  else run(gemv_int8<8>);
 }
 
 // x [M, K] any float dtype and strides; returns [M, N] in x's dtype. M <= small_m with h = b takes the integer

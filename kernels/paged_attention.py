@@ -1,8 +1,8 @@
 """Decode attention over the paged KV cache: one new query token per sequence attends to that sequence's positions
 0 .. pos, read from its blocks. The tensors are server/kv_cache.py's, as `PagedKVCache.layer_tensors` lists them:
 
-    k, v                       [kv_heads, num_blocks, block_size, D] in the compute dtype ("auto") or fp16, int8 codes, or
-                               uint8 pairs of int4 codes [.., D / 2] (kernels/kv_quant.py)
+    k, v                       [kv_heads, num_blocks, block_size, D] as floats (fp32, fp16), int8 codes, or uint8
+                               pairs of int4 codes [.., D / 2] (kernels/kv_quant.py)
     k_scale, v_scale           [kv_heads, num_blocks, block_size] fp16 (int8, int4)
     k_zero, v_zero             the same (int4)
     centers, sinks, rope table int4: the rows' key means mu [rows, kv_heads, D] (a key at position p is stored as
