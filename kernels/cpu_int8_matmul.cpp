@@ -492,9 +492,7 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* 
   const int64_t nth = at::in_parallel_region() ? 1
                       : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tiles + grain - 1) / grain));
   const Act A{q, d, s, sf, gi.data(), L.Kp, (L.Kp + ablk - 1) / ablk, L.Kp / GROUP};
-#pragma omp parallel num_threads(nth)
-  {
-    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+  auto work = [&](int64_t tid, int64_t team) {
     const int64_t m0 = M * tid / team, m1 = M * (tid + 1) / team;
     if (m1 > m0) {
       quantize_rows(x + m0 * K, m1 - m0, K, L.Kp, ablk, B, q + m0 * A.ldq, d + m0 * A.ldd, s + m0 * A.lds,
@@ -522,7 +520,13 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* 
       for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
       for (; m < M; ++m) run_tile<B, 1>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
     }
+  };
+  if (nth == 1) {  // one thread: no parallel region to open (a small layer's call is mostly fixed cost)
+    work(0, 1);
+    return;
   }
+#pragma omp parallel num_threads(nth)
+  work(omp_get_thread_num(), omp_get_num_threads());
 }
 
 }  // namespace
@@ -611,4 +615,58 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
   at::Tensor y = at::empty({M, N}, xf.options());
   int8_plan_run(*plan, xf.data_ptr<float>(), M, K, b, y.data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// A packed layer prepared once for the integer path, as PackedLinear keeps it (kernels/packed_linear.py): the plan
+// (its view of the packed tensors, the group table, which tiles have salient groups) is built at load, and a call
+// is x in, y out through pybind11: none of packed_linear_int8's per-call plan nor the dispatcher's boxing of 15
+// arguments (M = 1, 576 x 16: 8.1 us through torch.ops, 2.9 us through pybind11 for the same C++). torch.compile'd
+// code keeps the registered op (packed_linear_int8_cpu).
+struct Int8Linear {
+  std::vector<at::Tensor> keep;  // qweight, bitmap, scales, zeros, hscales, hzeros: what the plan points into
+  std::shared_ptr<const Int8Plan> plan;
+  int64_t in_features = 0;
+
+  // p: bits, salient_bits, group_size, salient_group_size, act_block, in_features.
+  Int8Linear(std::vector<at::Tensor> t, std::vector<int64_t> p) : keep(std::move(t)) {
+    TORCH_CHECK(keep.size() == 6 && p.size() == 6, "Int8Linear: 6 packed tensors and 6 sizes");
+    plan = int8_plan(keep[0], keep[1], keep[2], keep[3], keep[4], keep[5], p[0], p[1], p[2], p[3], p[4]);
+    TORCH_CHECK(plan, "Int8Linear: the integer path takes salient_bits = bits in {2, 4, 8}, got ", p[0], " / ",
+                p[1]);
+    in_features = p[5];
+    TORCH_CHECK(in_features <= plan->L.Kp && plan->L.Kp - in_features < GROUP, "Int8Linear: in_features ",
+                in_features, " for K_pad = ", plan->L.Kp);
+  }
+
+  // x [..., K] any float dtype and strides; bias [N] or None; returns [..., N] in x's dtype.
+  at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& bias) const {
+    TORCH_CHECK(x.is_floating_point() && x.device().is_cpu() && x.dim() >= 1, "x: a floating-point CPU tensor");
+    TORCH_CHECK(x.size(-1) == in_features, "x has ", x.size(-1), " features, layer expects ", in_features);
+    const int64_t N = plan->L.N;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor xf = x.reshape({-1, in_features});
+    if (xf.scalar_type() != at::kFloat || !xf.is_contiguous()) xf = xf.to(at::kFloat).contiguous();
+    const int64_t M = xf.size(0);
+    const float* b = nullptr;
+    at::Tensor bf;
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->numel() == N, "bias: [", N, "]");
+      bf = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+      b = bf.data_ptr<float>();
+    }
+    at::Tensor y = at::empty({M, N}, xf.options());
+    if (M > 0) int8_plan_run(*plan, xf.data_ptr<float>(), M, in_features, b, y.data_ptr<float>());
+    y = y.view(shape);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+};
+
+// Called by cpu_matmul.cpp's PYBIND11_MODULE.
+void register_int8(pybind11::module& m) {
+  pybind11::class_<Int8Linear, std::shared_ptr<Int8Linear>>(m, "Int8Linear")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>>(), pybind11::arg("tensors"),
+           pybind11::arg("sizes"))
+      .def("forward", &Int8Linear::forward, pybind11::arg("x"), pybind11::arg("bias"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -629,10 +629,13 @@ TORCH_LIBRARY_IMPL(mamp, CPU, m) {
   m.impl("packed_rows_cpu", &packed_rows_op);
 }
 
+void register_int8(pybind11::module& m);  // kernels/cpu_int8_matmul.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "y = x W^T + bias from the packed tensors");
   m.def("packed_matmul", &packed_matmul, "packed matmul into out (fp32)");
   m.def("dequantize_t", &dequantize_t, "dequantize to [K_pad, N] fp32");
   m.def("int8_isa", &int8_isa, "the integer-dot kernel's instruction set here");
   register_half(m);
+  register_int8(m);
 }

@@ -150,6 +150,19 @@ def packed_matmul_cpu(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor 
     return out if out is not None else y.view(*x.shape[:-1], n)
 
 
+def int8_linear(packed: PackedWeight):
+    """The layer prepared once for the integer-dot kernel (Int8Linear of cpu_int8_matmul.cpp: its plan built here,
+    kept with the tensors it reads), or None where the extension cannot be built. Its forward(x, bias) is
+    torch.ops.mamp.packed_linear_int8_cpu without the per-call plan and the dispatcher's fixed cost (PackedLinear
+    calls it outside torch.compile). packed: a PackedWeight or TiledWeight with salient_bits = bits in {2, 4, 8}."""
+    ext = _ext if _ext is not None else load_extension()
+    if ext is None:
+        return None
+    s = packed.spec
+    return ext.Int8Linear([packed.qweight, packed.bitmap, packed.scales, packed.zeros, packed.hscales, packed.hzeros],
+                          [s.bits, s.salient_bits, s.group_size, s.salient_group_size, ACT_BLOCK, s.in_features])
+
+
 def dequantize_tile_torch(packed: PackedWeight, r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) of qweight (r0, r1 on group boundaries) dequantized to [(r1 - r0) * 32/b, N] fp32."""
     spec = packed.spec

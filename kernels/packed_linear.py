@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mamp.kernels import ops
+from mamp.kernels.cpu_matmul import int8_linear
 from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor, untile_tensor
 from mamp.kernels.dispatch import choose_kernel
 from mamp.kernels.packing import TENSOR_NAMES, PackedTensors, PackedWeight, PackSpec, aligned
@@ -75,6 +76,7 @@ class PackedLinear(nn.Module):
                 self._buffers[name] = untile_tensor(self._buffers[name])
             self.__dict__["_tiled"] = False
             self.__dict__.pop("_view", None)
+            self.__dict__.pop("_plan", None)
 
     def process_after_loading(self) -> None:
         """Make the layer ready to serve where its buffers now are: align CPU buffers on cache lines (a tensor
@@ -90,13 +92,30 @@ class PackedLinear(nn.Module):
             if t is not None and not t.is_meta:
                 self._buffers[name] = aligned(t)
         if self.qweight.is_meta:
-            self.__dict__.pop("_kernel", None)
-            self.__dict__.pop("_view", None)
+            for name in ("_kernel", "_view", "_plan"):
+                self.__dict__.pop(name, None)
             return
         kernel, view = kernel_and_view(self.spec, {n: self._buffers[n] for n in TENSOR_NAMES}, self.qweight.device,
                                        layer=self.extra_repr())
         self._buffers.update(view.tensors())  # the tiled tensors in place of the row-major ones (else the same)
-        self.__dict__.update(_kernel=kernel, _view=view, _tiled=isinstance(view, TiledWeight))
+        self._set_view(kernel, view)
+
+    def _set_view(self, kernel, view) -> None:
+        """Serve from view (the buffers, as the kernel reads them) with kernel; the integer kernel's layer plan is
+        prepared here, once (kernels.cpu_matmul.int8_linear), and dropped with the view it reads."""
+        plan = int8_linear(view) if kernel.name == "cpu-int8" else None
+        self.__dict__.update(_kernel=kernel, _view=view, _tiled=isinstance(view, TiledWeight), _plan=plan)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_plan", None)  # a C++ object; __setstate__ prepares it again
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        kernel, view = self.__dict__.get("_kernel"), self.__dict__.get("_view")
+        if kernel is not None and view is not None:
+            self._set_view(kernel, view)
 
     def _apply(self, fn, recurse=True):
         self._untile()  # moves and casts see the checkpoint's layout; the kernel (and layout) are chosen again
@@ -113,6 +132,7 @@ class PackedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         self._untile()  # row-major tensors load into row-major buffers; forward tiles again (identity check)
+        self.__dict__.pop("_plan", None)  # its salient tiles were read from the bitmap, which this may overwrite
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -132,6 +152,9 @@ class PackedLinear(nn.Module):
             view = self.__dict__.get("_view")
             if view is None:
                 raise RuntimeError("PackedLinear has no data yet (its buffers are on the meta device)")
+        plan = self.__dict__.get("_plan")
+        if plan is not None and not torch.compiler.is_compiling():  # compiled code sees the registered op
+            return plan.forward(x, self.bias)
         return self.__dict__["_kernel"].fn(x, view, self.bias)
 
     def extra_repr(self) -> str:
@@ -157,11 +180,12 @@ class FusedPackedLinears:
             tiles = m.out_features // 16
             for n in TENSOR_NAMES:
                 m._buffers[n] = fused[n][start:start + tiles]
-            m.__dict__["_view"] = TiledWeight(m.spec, **{n: m._buffers[n] for n in TENSOR_NAMES})
+            m._set_view(m.__dict__["_kernel"], TiledWeight(m.spec, **{n: m._buffers[n] for n in TENSOR_NAMES}))
             start += tiles
         self.spec = dataclasses.replace(mods[0].spec, out_features=sum(m.out_features for m in mods))
         self.view = TiledWeight(self.spec, **fused)
         self.kernel = mods[0].__dict__["_kernel"]
+        self.plan = int8_linear(self.view) if self.kernel.name == "cpu-int8" else None
         self.splits = [m.out_features for m in mods]
 
     @classmethod
@@ -173,6 +197,8 @@ class FusedPackedLinears:
         return cls(mods) if len(same) == 1 else None  # tiled implies one of TILED_KERNELS
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.plan is not None and not torch.compiler.is_compiling():
+            return self.plan.forward(x, None).split(self.splits, dim=-1)
         return self.kernel.fn(x, self.view, None).split(self.splits, dim=-1)
 
 

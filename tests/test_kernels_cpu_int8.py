@@ -4,6 +4,9 @@ the activation quantizer, the registered op and the dispatch choice.
 
 Paths: AVX-512 VNNI where this CPU has it, AVX2 and the portable loop forced with MAMP_INT8_ISA (read per call).
 """
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -145,11 +148,39 @@ def test_packed_linear_serves_through_the_int8_kernel(monkeypatch):
     bias = torch.randn(48)
     layer = PackedLinear.from_packed(packed, bias)
     assert layer.kernel_name == "cpu-int8"
-    x = torch.randn(3, 208)
+    g = torch.Generator().manual_seed(0)  # fixed inputs: about 1 draw in 100 puts an activation on a rounding
+    x = torch.randn(3, 208, generator=g)  # boundary that the reference's fp32 scale and the kernel's round apart
     with torch.no_grad():
         y = layer(x)
     assert _relerr(y, packed_matmul_int8_reference(x, packed, bias, cpu_matmul.ACT_BLOCK)) < 2e-6
     with torch.no_grad():  # prefill sizes too (cpu_matmul.INT8_MAX_M)
-        x40 = torch.randn(40, 208)
+        x40 = torch.randn(40, 208, generator=g)
         ref = packed_matmul_int8_reference(x40, packed, bias, cpu_matmul.ACT_BLOCK)
         assert _relerr(layer(x40), ref) < 2e-6
+
+
+def test_packed_linear_prepared_plan_is_the_op_and_follows_its_weights(monkeypatch):
+    """PackedLinear serves the integer kernel through the layer plan it prepared at load (cpu_matmul.int8_linear):
+    bit for bit the registered op, for leading dims, strides and 16-bit x; a load_state_dict in place (the plan's
+    salient tiles were read from the old bitmap: none salient, the new one salient groups in every tile), a deepcopy
+    and a pickle serve the weights they hold."""
+    monkeypatch.delenv(cpu_matmul.ACTIVATIONS_ENV, raising=False)
+    monkeypatch.delenv("MAMP_INT8_ISA", raising=False)
+    spec = PackSpec(208, 40, bits=4, salient_bits=4)  # 40 % 16 != 0: row-major, so loaded in place
+    plain, _ = random_packed(spec, 0.0, seed=1)
+    salient, _ = random_packed(spec, 0.3, seed=2)
+    layer = PackedLinear.from_packed(plain, torch.randn(40))
+    assert layer.kernel_name == "cpu-int8" and layer.__dict__["_plan"] is not None
+    g = torch.Generator().manual_seed(0)
+    xs = (torch.randn(2, 3, 208, generator=g), torch.randn(5, 416, generator=g)[:, ::2],
+          torch.randn(1, 208, generator=g).bfloat16())
+    with torch.no_grad():
+        for x in xs:
+            assert torch.equal(layer(x), ops.packed_linear_int8(x, plain, layer.bias))
+        layer.load_state_dict({**salient.tensors(), "bias": layer.bias.clone()})
+        x = torch.randn(4, 208, generator=g)
+        y = layer(x)
+        assert torch.equal(y, ops.packed_linear_int8(x, salient, layer.bias))
+        assert _relerr(y, packed_matmul_int8_reference(x, salient, layer.bias, cpu_matmul.ACT_BLOCK)) < 2e-6
+        assert torch.equal(copy.deepcopy(layer)(x), y)
+        assert torch.equal(pickle.loads(pickle.dumps(layer))(x), y)

@@ -1,6 +1,9 @@
 """The column-tiled layout of the CPU kernels (kernels/cpu_layout.py, cpu_layout.h): exact round trip, the same
 results as the checkpoint's row-major layout in every kernel, and a PackedLinear that tiles itself at load while
 state_dict, load_state_dict, .to() and autograd keep seeing row-major tensors."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -82,8 +85,11 @@ def test_fused_packed_linears_equal_the_layers_and_share_their_memory():
     x = torch.randn(3, 208)
     with torch.no_grad():
         alone = [m(x) for m in mods]
+        before = [weakref.ref(m.qweight) for m in mods]
         fused = FusedPackedLinears.fuse(mods)
         assert fused is not None and fused.splits == [96, 32, 32]
+        gc.collect()  # nothing (a layer's integer-kernel plan included) holds the layers' own tensors any more
+        assert all(r() is None for r in before)
         for y, ref in zip(fused(x), alone):
             torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
         for m, ref, p in zip(mods, alone, packs):  # still serving alone, from views of the fused tensors
