@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 _GREEDY_BELOW = 1e-5  # temperatures below this mean argmax
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ def make_generator(seed: Optional[int], device: torch.device) -> torch.Generator
     return gen
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """The first index of the largest value of a 1-D tensor (torch.argmax's answer). On the CPU through NumPy's
+    vectorised argmax: 4 us against torch's 43 for a 49,152-entry row (SmolLM2's vocabulary), which a 16-stream
+    greedy step paid 16 times."""
+    if logits.device.type == "cpu" and logits.dtype in _NUMPY_DTYPES and not logits.requires_grad:
+        return int(logits.numpy().argmax())
+    return int(logits.argmax())
+
+
 def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
     if k <= 0:
         return ()
@@ -64,7 +74,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         counts = counts[: logits.numel()].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.temperature < _GREEDY_BELOW:
-        token = int(logits.argmax())
+        token = argmax(logits)
     else:
         token = _sample_filtered(logits / params.temperature, params, generator)
     if params.logprobs is None:

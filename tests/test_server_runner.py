@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 from mamp.server.batched_llama import BatchedLlama
 from mamp.server.detokenizer import IncrementalDetokenizer
 from mamp.server.model_loader import weight_memory
-from mamp.server.sampling import SamplingParams, make_generator, sample
+from mamp.server.sampling import SamplingParams, argmax, make_generator, sample
 
 ATOL = 1e-4
 
@@ -76,6 +76,19 @@ def test_batched_decode_of_different_lengths_matches_hf(hf_model, layout, leaves
             torch.testing.assert_close(row, _hf_last_logits(hf_model, seqs[s]), atol=ATOL, rtol=0)
         if step == 1:  # a sequence leaves the batch (dense: the first, so the rest stays dense)
             del seqs[leaves]
+
+
+def test_argmax_is_torchs():
+    """sampling.argmax (NumPy's on the CPU) answers as torch.argmax: the first of tied maxima, a NaN as the maximum,
+    strided rows, 16-bit rows, and tensors NumPy cannot take (bf16, requiring grad) through torch itself."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(49152, generator=g), torch.tensor([1.0, 5.0, 2.0, 5.0, 5.0]),
+            torch.tensor([0.0, float("nan"), 3.0, float("nan")]), torch.tensor([-float("inf"), -1.0, -float("inf")]),
+            torch.randn(8, 300, generator=g)[:, 7], torch.randn(1000, generator=g).half(),
+            torch.randn(1000, generator=g).bfloat16(), torch.randn(50, generator=g, requires_grad=True)]
+    for row in rows:
+        assert argmax(row) == int(torch.argmax(row)), row
+    assert argmax(torch.tensor([2.0, 7.0, 7.0])) == 1
 
 
 def test_greedy_and_seeded_sampling():
