@@ -20,6 +20,16 @@ STORIES_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" /
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from torch's global generator seeded to 0, whatever ran before it: tests that draw unseeded
+    inputs against a reference with a tight tolerance are then the same test on every run (an int8 kernel test drew
+    an activation on a rounding boundary about once in 100 runs before its inputs were seeded)."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _autotune_cache_in_tmp(tmp_path_factory):
     """Kernel configs tuned during tests (on a GPU) go to a temporary folder, never to ~/.cache/mamp."""
