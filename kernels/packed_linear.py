@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mamp.kernels import ops
-from mamp.kernels.cpu_matmul import int8_linear
 from mamp.kernels.cpu_layout import TiledWeight, can_tile, tile_tensor, untile_tensor
+from mamp.kernels.cpu_matmul import int8_linear
 from mamp.kernels.dispatch import choose_kernel
 from mamp.kernels.packing import TENSOR_NAMES, PackedTensors, PackedWeight, PackSpec, aligned
 from mamp.kernels.reference import packed_matmul_reference
