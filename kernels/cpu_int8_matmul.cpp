@@ -589,6 +589,22 @@ void int8_plan_run(const Int8Plan& p, const float* x, int64_t M, int64_t K, cons
   else run(gemv_int8<8>);
 }
 
+// y [M, N] in x's dtype = x [M, K] (any float dtype and strides, M >= 1) through the plan, + bias [N] if given.
+at::Tensor int8_plan_linear(const Int8Plan& p, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = p.L.N;
+  const at::Tensor xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
+  const float* b = nullptr;
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias: [", N, "]");
+    bf = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+    b = bf.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, xf.options());
+  int8_plan_run(p, xf.data_ptr<float>(), M, K, b, y.data_ptr<float>());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 // x [M, K] any float dtype and strides; returns [M, N] in x's dtype. M <= small_m with h = b takes the integer
 // path; anything else the float kernel (packed_linear of cpu_matmul.cpp).
 at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& bitmap,
@@ -597,24 +613,14 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& qweight, co
                               int64_t hbits, int64_t group_size, int64_t salient_group_size, int64_t act_block,
                               int64_t small_m, int64_t scratch_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: [M, K] floating point");
-  const int64_t M = x.size(0), K = x.size(1), N = mamp_cpu::out_features(qweight);
+  const int64_t M = x.size(0);
   if (M > small_m || M == 0 || hbits != bits || (bits != 2 && bits != 4 && bits != 8)) {
     return packed_linear(x, qweight, bitmap, scales, zeros, hscales, hzeros, bias, c10::nullopt, bits, hbits,
                          group_size, salient_group_size, small_m, scratch_bytes);
   }
   const auto plan = int8_plan(qweight, bitmap, scales, zeros, hscales, hzeros, bits, hbits, group_size,
                               salient_group_size, act_block);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* b = nullptr;
-  at::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias: [N]");
-    bf = bias->to(at::kFloat).contiguous();
-    b = bf.data_ptr<float>();
-  }
-  at::Tensor y = at::empty({M, N}, xf.options());
-  int8_plan_run(*plan, xf.data_ptr<float>(), M, K, b, y.data_ptr<float>());
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return int8_plan_linear(*plan, x, bias);
 }
 
 // A packed layer prepared once for the integer path, as PackedLinear keeps it (kernels/packed_linear.py): the plan
@@ -642,23 +648,11 @@ struct Int8Linear {
   at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& bias) const {
     TORCH_CHECK(x.is_floating_point() && x.device().is_cpu() && x.dim() >= 1, "x: a floating-point CPU tensor");
     TORCH_CHECK(x.size(-1) == in_features, "x has ", x.size(-1), " features, layer expects ", in_features);
-    const int64_t N = plan->L.N;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = N;
-    at::Tensor xf = x.reshape({-1, in_features});
-    if (xf.scalar_type() != at::kFloat || !xf.is_contiguous()) xf = xf.to(at::kFloat).contiguous();
-    const int64_t M = xf.size(0);
-    const float* b = nullptr;
-    at::Tensor bf;
-    if (bias.has_value() && bias->defined()) {
-      TORCH_CHECK(bias->numel() == N, "bias: [", N, "]");
-      bf = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
-      b = bf.data_ptr<float>();
-    }
-    at::Tensor y = at::empty({M, N}, xf.options());
-    if (M > 0) int8_plan_run(*plan, xf.data_ptr<float>(), M, in_features, b, y.data_ptr<float>());
-    y = y.view(shape);
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    shape.back() = plan->L.N;
+    const at::Tensor x2 = x.reshape({-1, in_features});
+    if (x2.size(0) == 0) return at::empty(shape, x.options());
+    return int8_plan_linear(*plan, x2, bias).view(shape);
   }
 };
 

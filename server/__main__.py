@@ -11,7 +11,7 @@ import torch
 import uvicorn
 
 from .app import create_app
-from .config import ServerConfig, parse_bytes
+from .config import KV_CACHE_DTYPES, ServerConfig, parse_bytes
 from .loading import LoadingApp
 from .runtime import build_runtime
 
@@ -42,7 +42,7 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--cpu-activations", choices=["auto", "int8", "float"], default=d.cpu_activations,
                    help="CPU decode kernel for h = b layers: int8 activations with integer dot products, or fp32 "
                         "(auto: $MAMP_CPU_ACTIVATIONS, else int8)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "fp16", "int8", "int4"], default=d.kv_cache_dtype,
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                    help="KV cache entries: 16-bit (auto: the compute dtype where it is 16-bit, else fp16), fp32, fp16, "
                         "or int8 / int4 quantized per token and head on write (1.9x / 3.6x the tokens of a 16-bit "
                         "cache in the same memory)")

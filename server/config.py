@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 CpuActivations = Literal["auto", "int8", "float"]
 KVCacheDtype = Literal["auto", "fp32", "fp16", "int8", "int4"]
+KV_CACHE_DTYPES: tuple[str, ...] = get_args(KVCacheDtype)  # the CLI's choices and the check below
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "tb": 10**12}
@@ -84,8 +85,9 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 0, got {self.max_request_bytes}")
         if self.cpu_activations not in ("auto", "int8", "float"):
             raise ValueError(f"cpu_activations must be auto, int8 or float, got {self.cpu_activations!r}")
-        if self.kv_cache_dtype not in ("auto", "fp32", "fp16", "int8", "int4"):
-            raise ValueError(f"kv_cache_dtype must be auto, fp32, fp16, int8 or int4, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be {', '.join(KV_CACHE_DTYPES[:-1])} or {KV_CACHE_DTYPES[-1]}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         if not 1 <= self.kv_block_size <= 4096:
