@@ -53,6 +53,15 @@ class SeqOutput:
 Sink = Callable[[SeqOutput], None]
 
 
+def deliver_each(items: list[tuple[Sink, SeqOutput]]) -> None:
+    """The default delivery of a step's outputs: each to its sink, in order."""
+    for sink, out in items:
+        try:
+            sink(out)
+        except Exception:  # the consumer's event loop is gone; the sequence is aborted separately
+            logger.debug("dropping an output: its consumer is gone")
+
+
 @dataclass(eq=False)
 class _Sequence:
     seq_id: int
@@ -82,9 +91,12 @@ class Engine:
 
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
                  on_finished: Callable[[RequestStats], None] = lambda stats: None, max_prefill_tokens: int = 64,
-                 threads: Optional[tuple[int, int]] = None):
+                 threads: Optional[tuple[int, int]] = None,
+                 deliver: Callable[[list[tuple[Sink, SeqOutput]]], None] = deliver_each):
         """threads: (for small steps, for steps of BATCH_ROWS rows or more), set with torch.set_num_threads by
-        the engine thread before each step; None leaves torch's setting alone."""
+        the engine thread before each step; None leaves torch's setting alone.
+        deliver: hands a step's outputs, (sink, output) in the order made, to their sinks once the step is done
+        (server/async_engine.deliver wakes each event loop once per step rather than once per output)."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         if threads is not None and min(threads) < 1:
@@ -94,6 +106,8 @@ class Engine:
         if threads is not None:  # the lm_head is one large call per step: all threads pay even for one row
             runner.head_threads = threads[1]
         self.runner, self.tokenizer = runner, tokenizer
+        self._deliver = deliver
+        self._outbox: Optional[list[tuple[Sink, SeqOutput]]] = None  # a step's outputs, delivered at its end
         self.max_prefill_tokens = max_prefill_tokens
         self._prefilling: deque[_Sequence] = deque()  # admitted (slot held), prompt not yet fully cached
         self.max_queue, self.max_model_len = max_queue, runner.max_model_len
@@ -165,6 +179,18 @@ class Engine:
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
 
     def _step(self) -> None:
+        self._outbox = []
+        try:
+            self._step_inner()
+        finally:
+            items, self._outbox = self._outbox, None
+            if items:
+                try:
+                    self._deliver(items)
+                except Exception:
+                    logger.exception("delivering %d outputs failed", len(items))
+
+    def _step_inner(self) -> None:
         with self._cv:
             while not (self._waiting or self._running or self._aborts or self._stopping):
                 self._cv.wait()
@@ -400,8 +426,10 @@ class Engine:
         except Exception:
             logger.exception("stats callback failed")
 
-    @staticmethod
-    def _send(seq: _Sequence, out: SeqOutput) -> None:
+    def _send(self, seq: _Sequence, out: SeqOutput) -> None:
+        if self._outbox is not None:  # inside a step: delivered with the step's other outputs at its end
+            self._outbox.append((seq.sink, out))
+            return
         try:
             seq.sink(out)
         except Exception:  # the consumer's event loop is gone; the sequence is aborted separately

@@ -10,6 +10,7 @@ import torch
 from mamp.kernels import cpu_matmul
 
 from . import kv_cache
+from .async_engine import deliver
 from .batched_llama import BatchedLlama
 from .config import DEFAULT_KV_CACHE_MEMORY, ServerConfig
 from .engine import Engine
@@ -88,7 +89,8 @@ def build_runtime(config: ServerConfig) -> Runtime:
     engine = Engine(runner, tokenizer, config.max_num_seqs, config.max_queue,
                     on_finished=lambda stats: metrics.observe_finished(stats),
                     max_prefill_tokens=config.max_prefill_tokens,
-                    threads=(config.threads, config.threads_batch) if config.threads and config.threads_batch else None)
+                    threads=(config.threads, config.threads_batch) if config.threads and config.threads_batch else None,
+                    deliver=deliver)
     metrics = ServerMetrics(config.model_name, info, engine.snapshot)
     ctx = ServingContext(engine, tokenizer, config.model_name, max_len, runner.vocab_size, _eos_ids(model, tokenizer))
     return Runtime(config, info, engine, metrics, CompletionService(ctx), ChatService(ctx), max_len)

@@ -40,16 +40,20 @@ def test_sixteen_concurrent_requests_match_single_runs(tiny_server):
         aclient = tiny_server.async_client()
         return await asyncio.gather(*(aclient.completions.create(prompt=p, **args) for p in PROMPTS))
 
-    runner = tiny_server.runtime.engine.runner
-    batch_sizes = []
+    engine = tiny_server.runtime.engine
+    runner, deliver = engine.runner, engine._deliver
+    batch_sizes, delivered = [], []
     runner.decode = lambda slots, *rest: batch_sizes.append(len(slots)) or type(runner).decode(runner, slots, *rest)
+    engine._deliver = lambda items: delivered.append(len(items)) or deliver(items)
     try:
         outs = asyncio.run(together())
     finally:
         del runner.decode
+        engine._deliver = deliver
     for ref, out in zip(alone, outs):
         assert (out.choices[0].text, out.choices[0].finish_reason) == (ref.text, ref.finish_reason)
     assert max(batch_sizes) > 1  # they really were decoded together
+    assert max(delivered) > 1  # and a step's outputs were handed over together, once the step was done
 
 
 def test_disconnect_mid_stream_frees_the_slot(tiny_server):
