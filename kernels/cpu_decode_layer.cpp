@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -468,6 +469,11 @@ std::vector<std::vector<int64_t>> split_tasks(int64_t n, int64_t nth, bool equal
   return lists;
 }
 
+// A task list's next index, one counter per cache line.
+struct alignas(64) NextTask {
+  std::atomic<int64_t> i{0};
+};
+
 }  // namespace
 
 struct DecodeLayer : torch::CustomClassHolder {
@@ -704,12 +710,25 @@ struct DecodeLayer : torch::CustomClassHolder {
     for (int64_t b = 1; b < B && equal; ++b) equal = ps[b] / BS == ps[0] / BS;
     const std::vector<std::vector<int64_t>> lists =
         split_tasks(ntasks, nth, equal, [&](int64_t t) { return ps[t / (KVH * tasks_per_kv)] + 1 + BS; });
-    auto attend = [&](const std::vector<int64_t>& mine) {
+    // Each thread takes the tasks of its own list, then what is left of the others' (a thread the OS preempted
+    // no longer holds the team at the join); a smaller team than asked for still covers every list. Returns -1
+    // when no task is left.
+    std::unique_ptr<NextTask[]> next(new NextTask[nth]);
+    auto claim = [&](int64_t tid, int64_t& k) -> int64_t {
+      for (; k < nth; ++k) {
+        const int64_t j = (tid + k) % nth;
+        const int64_t i = next[j].i.fetch_add(1, std::memory_order_relaxed);
+        if (i < int64_t(lists[j].size())) return lists[j][i];
+      }
+      return -1;
+    };
+    auto attend = [&](int64_t tid) {
       std::vector<float> score, qs(per_task * D), qsum(per_task), zsum(per_task), ab(per_task * D);
       // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero, and the
       // block's probabilities times the value scales per query head (fp32 entries use the scores as they are).
       std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS), dots(per_task * BS);
-      for (const int64_t t : mine) {
+      int64_t k = 0;  // the list claim() is taking from: (tid + k) % nth
+      for (int64_t t; (t = claim(tid, k)) >= 0;) {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
         const int32_t* trow = table + sl[b] * max_blocks;
@@ -838,10 +857,7 @@ struct DecodeLayer : torch::CustomClassHolder {
       }
     };
 #pragma omp parallel num_threads(nth)
-    {
-      // A smaller team than asked for (a thread limit) still covers every list.
-      for (int64_t j = omp_get_thread_num(); j < nth; j += omp_get_num_threads()) attend(lists[j]);
-    }
+    attend(omp_get_thread_num());
 
     // mid = h + o_proj(core); the gated MLP on rms_norm(mid).
     at::Tensor mid = linear(1, core).contiguous();

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -478,9 +479,15 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t abl
 #endif
 }
 
+// A run's next tile, one counter per cache line (threads take tiles from their own run and then from others').
+struct alignas(64) Next {
+  std::atomic<int64_t> t{0};
+};
+
 // The rows' activations quantized, then the tiles, in one parallel region: each thread quantizes its share of
 // the rows, waits for the others at one barrier, and takes a contiguous run of tiles (as at::parallel_for would
-// split them). One fork and join per call, and no thread idle while another quantizes alone.
+// split them), then helps with what is left of the others' runs. One fork and join per call, and no thread idle
+// while another quantizes alone.
 // q [M, Kp], d [M, nblk], s [M, G], sf [M, G]: the quantized activations' buffers, written here;
 // sal: salient_tiles(L).
 template <int B>
@@ -491,16 +498,22 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* 
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (L.Kp * NT));
   const int64_t nth = at::in_parallel_region() ? 1
                       : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tiles + grain - 1) / grain));
+  // Tiles per claim: about 2^17 multiply-adds (~1 us), so that claiming (an atomic add, a cache-line transfer
+  // where two threads meet in one run) stays small beside the work it hands out.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 17) / (M * L.Kp * NT));
+  Next one[1];
+  std::unique_ptr<Next[]> many(nth > 1 ? new Next[nth] : nullptr);
+  Next* next = nth > 1 ? many.get() : one;
   const Act A{q, d, s, sf, gi.data(), L.Kp, (L.Kp + ablk - 1) / ablk, L.Kp / GROUP};
   auto work = [&](int64_t tid, int64_t team) {
+    next[tid].t.store(tiles * tid / team, std::memory_order_relaxed);  // visible to the others after the barrier
     const int64_t m0 = M * tid / team, m1 = M * (tid + 1) / team;
     if (m1 > m0) {
       quantize_rows(x + m0 * K, m1 - m0, K, L.Kp, ablk, B, q + m0 * A.ldq, d + m0 * A.ldd, s + m0 * A.lds,
                     sf + m0 * A.lds);
     }
 #pragma omp barrier
-    const int64_t t0 = tiles * tid / team, t1 = tiles * (tid + 1) / team;
-    for (int64_t t = t0; t < t1; ++t) {
+    auto tile = [&](int64_t t) {
       const int64_t n0 = t * NT;
       const int nt = int(std::min<int64_t>(NT, N - n0));
       int64_t m = 0;
@@ -519,6 +532,19 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* 
       for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
       for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
       for (; m < M; ++m) run_tile<B, 1>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
+    };
+    if (team == 1) {
+      for (int64_t t = 0; t < tiles; ++t) tile(t);
+      return;
+    }
+    // Each thread works through its own contiguous run of tiles, then takes what is left of the others' runs:
+    // a thread the OS has preempted (the server's event loop, a client on the same cores) no longer holds the
+    // whole team at the join.
+    for (int64_t k = 0; k < team; ++k) {
+      const int64_t j = (tid + k) % team, end = tiles * (j + 1) / team;
+      for (int64_t t; (t = next[j].t.fetch_add(chunk, std::memory_order_relaxed)) < end;) {
+        for (const int64_t e = std::min(end, t + chunk); t < e; ++t) tile(t);
+      }
     }
   };
   if (nth == 1) {  // one thread: no parallel region to open (a small layer's call is mostly fixed cost)

@@ -184,3 +184,22 @@ def test_packed_linear_prepared_plan_is_the_op_and_follows_its_weights(monkeypat
         assert _relerr(y, packed_matmul_int8_reference(x, salient, layer.bias, cpu_matmul.ACT_BLOCK)) < 2e-6
         assert torch.equal(copy.deepcopy(layer)(x), y)
         assert torch.equal(pickle.loads(pickle.dumps(layer))(x), y)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_threads_split_the_tiles_exactly(threads):
+    """Threads take their own run of tiles, then what is left of the others' (on 2 cores, 3 and 5 threads are
+    preempted mid-run, so runs are taken over): every tile computed once, so the result is the one-thread result
+    bit for bit, at every M (claims of several tiles at M = 1, of one at M = 31) and for a last tile < 16 columns."""
+    k, n = 576, 1000  # 63 tiles
+    _, packed = make_case(k, n, 4, 4, 0.3, seed=3, groups=(64, 64))
+    args = (*packed.tensors().values(), None, 4, 4, 64, 64, 64, 64, 1 << 22)
+    for m in (1, 5, 16, 31):
+        x = make_x(m, k, torch.float32, strided=False, seed=m)
+        want = torch.ops.mamp.packed_linear_int8_cpu(x, *args)  # one thread (module fixture)
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(20):
+                assert torch.equal(torch.ops.mamp.packed_linear_int8_cpu(x, *args), want), (threads, m)
+        finally:
+            torch.set_num_threads(1)

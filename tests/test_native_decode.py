@@ -122,6 +122,28 @@ def test_runner_decodes_the_same_logits_natively(packed_dir, float_activations, 
     torch.testing.assert_close(logits["native"], logits["python"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@torch.inference_mode()
+def test_threads_give_the_one_thread_logits(packed_dir, threads):
+    """Each attention task (a sequence and KV head) and each kernel tile is computed by one thread, whichever
+    thread takes it (threads help with the others' lists once theirs is done): the native step's logits are
+    the same bit for bit on 1, 2 and 3 threads (3 on 2 cores: preempted threads' tasks are taken over)."""
+    prompts = {0: [5, 6, 7], 2: [9] * 40, 3: [3, 1, 4, 1, 5], 5: [2] * 17}  # lengths differ: lists by cost
+    out = {}
+    for t in (1, threads):
+        runner = runner_for(packed_dir)
+        for slot, ids in prompts.items():
+            runner.prefill(slot, ids)
+        torch.set_num_threads(t)
+        try:
+            slots, pos = list(prompts), [len(ids) for ids in prompts.values()]
+            out[t] = torch.stack([runner.decode(slots, [10 + i] * len(slots), [p + i for p in pos])
+                                  for i in range(3)])
+        finally:
+            torch.set_num_threads(1)
+    assert torch.equal(out[threads], out[1])
+
+
 @pytest.mark.parametrize("heads,kv_heads,hidden", [(3, 1, 192), (2, 2, 48), (2, 1, 256)])
 @pytest.mark.parametrize("kind", ["auto", "fp16", "int8"])
 @torch.inference_mode()
