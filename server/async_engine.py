@@ -3,12 +3,15 @@ hand-over of a step's outputs to the event loops that wait for them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import weakref
 from typing import AsyncIterator, Callable
 
 from .engine import Engine, SeqOutput, Sink, deliver_each
 from .sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class _Mailbox:
@@ -52,7 +55,10 @@ class _Mailbox:
         with self._lock:
             calls, self._pending = self._pending, []
         for fn, args in calls:
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # one consumer's failure must not lose the others' outputs
+                logger.exception("handing an output to its stream failed")
 
 
 class _LoopSink:

@@ -74,3 +74,20 @@ def test_delivery_to_a_closed_loop_is_dropped_and_other_sinks_still_get_theirs()
     out = SeqOutput(SampledToken(5), "x", "stop")
     deliver([(engine.sinks[0], out), (got.append, out)])  # no exception for the closed loop's consumer
     assert got == [out]
+
+
+def test_a_failing_hand_over_does_not_lose_the_others():
+    from mamp.server.async_engine import _Mailbox
+
+    loop = asyncio.new_event_loop()
+    try:
+        got = []
+
+        def boom(_):
+            raise ValueError("a consumer's queue is broken")
+
+        _Mailbox.of(loop).post_many([(got.append, (1,)), (boom, (2,)), (got.append, (3,))])
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert got == [1, 3]
+    finally:
+        loop.close()
