@@ -1,6 +1,6 @@
 """Continuous-batching engine: a background thread that admits sequences into KV-cache slots between decode
-steps, decodes all running sequences in one forward, and hands each token to a per-sequence callback.
-It knows token ids, text and timings; nothing of HTTP.
+steps, decodes all running sequences in one forward, and hands each token to a per-sequence callback (a step's
+outputs together once the step is done, through `deliver`). It knows token ids, text and timings; nothing of HTTP.
 
 Prompts are prefilled in chunks under a per-step token budget (max_prefill_tokens, like vLLM's
 max_num_batched_tokens): each step prefills at most that many prompt tokens, oldest admitted first, and
