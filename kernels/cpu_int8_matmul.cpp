@@ -501,12 +501,10 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* 
   // Tiles per claim: about 2^17 multiply-adds (~1 us), so that claiming (an atomic add, a cache-line transfer
   // where two threads meet in one run) stays small beside the work it hands out.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 17) / (M * L.Kp * NT));
-  Next one[1];
-  std::unique_ptr<Next[]> many(nth > 1 ? new Next[nth] : nullptr);
-  Next* next = nth > 1 ? many.get() : one;
+  const std::unique_ptr<Next[]> next(nth > 1 ? new Next[nth] : nullptr);
   const Act A{q, d, s, sf, gi.data(), L.Kp, (L.Kp + ablk - 1) / ablk, L.Kp / GROUP};
   auto work = [&](int64_t tid, int64_t team) {
-    next[tid].t.store(tiles * tid / team, std::memory_order_relaxed);  // visible to the others after the barrier
+    if (team > 1) next[tid].t.store(tiles * tid / team, std::memory_order_relaxed);  // seen by all after the barrier
     const int64_t m0 = M * tid / team, m1 = M * (tid + 1) / team;
     if (m1 > m0) {
       quantize_rows(x + m0 * K, m1 - m0, K, L.Kp, ablk, B, q + m0 * A.ldq, d + m0 * A.ldd, s + m0 * A.lds,

@@ -68,8 +68,12 @@ class _LoopSink:
     def __init__(self, box: _Mailbox, queue: asyncio.Queue, index: int):
         self.box, self.queue, self.index = box, queue, index
 
+    def call(self, out: SeqOutput) -> tuple[Callable, tuple]:
+        """What puts `out` on the stream's queue, as the mailbox runs it on the loop."""
+        return self.queue.put_nowait, ((self.index, out),)
+
     def __call__(self, out: SeqOutput) -> None:
-        self.box.post_many([(self.queue.put_nowait, ((self.index, out),))])
+        self.box.post_many([self.call(out)])
 
 
 def deliver(items: list[tuple[Sink, SeqOutput]]) -> None:
@@ -79,7 +83,7 @@ def deliver(items: list[tuple[Sink, SeqOutput]]) -> None:
     others: list[tuple[Sink, SeqOutput]] = []
     for sink, out in items:
         if isinstance(sink, _LoopSink):
-            boxes.setdefault(sink.box, []).append((sink.queue.put_nowait, ((sink.index, out),)))
+            boxes.setdefault(sink.box, []).append(sink.call(out))
         else:
             others.append((sink, out))
     for box, calls in boxes.items():

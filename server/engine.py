@@ -429,11 +429,8 @@ class Engine:
     def _send(self, seq: _Sequence, out: SeqOutput) -> None:
         if self._outbox is not None:  # inside a step: delivered with the step's other outputs at its end
             self._outbox.append((seq.sink, out))
-            return
-        try:
-            seq.sink(out)
-        except Exception:  # the consumer's event loop is gone; the sequence is aborted separately
-            logger.debug("dropping output for sequence %d", seq.seq_id)
+        else:
+            deliver_each([(seq.sink, out)])
 
     def _admissible(self, seq: _Sequence) -> bool:
         try:
