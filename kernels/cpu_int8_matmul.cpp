@@ -368,11 +368,27 @@ void vnni_tile(bool sal, const Layer& L, const Act& A, int64_t n0, int nt, float
   else tile_vnni<B, MB, false>(L, A, n0, nt, y, ldy, bias);
 }
 
+// A pass of 1 .. 8 rows on the VNNI tile.
+template <int B>
+void vnni_rows(int rows, bool sal, const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
+               const float* bias) {
+  switch (rows) {
+    case 8: return vnni_tile<B, 8>(sal, L, A, n0, nt, y, ldy, bias);
+    case 7: return vnni_tile<B, 7>(sal, L, A, n0, nt, y, ldy, bias);
+    case 6: return vnni_tile<B, 6>(sal, L, A, n0, nt, y, ldy, bias);
+    case 5: return vnni_tile<B, 5>(sal, L, A, n0, nt, y, ldy, bias);
+    case 4: return vnni_tile<B, 4>(sal, L, A, n0, nt, y, ldy, bias);
+    case 3: return vnni_tile<B, 3>(sal, L, A, n0, nt, y, ldy, bias);
+    case 2: return vnni_tile<B, 2>(sal, L, A, n0, nt, y, ldy, bias);
+    default: return vnni_tile<B, 1>(sal, L, A, n0, nt, y, ldy, bias);
+  }
+}
+
+// The AVX2 and portable tiles: passes of 4, 2 and 1 rows.
 template <int B, int MB>
 void run_tile(Isa path, bool sal, const Layer& L, const Act& A, int64_t n0, int nt, float* y, int64_t ldy,
               const float* bias) {
-  if (path == Isa::Vnni) vnni_tile<B, MB>(sal, L, A, n0, nt, y, ldy, bias);
-  else if (path == Isa::Avx2) tile_avx2<B, MB>(L, A, n0, nt, y, ldy, bias);
+  if (path == Isa::Avx2) tile_avx2<B, MB>(L, A, n0, nt, y, ldy, bias);
   else tile_portable<B, MB>(L, A, n0, nt, y, ldy, bias);
 }
 
@@ -524,8 +540,15 @@ void gemv_int8(const Layer& L, const std::vector<GroupInfo>& gi, const uint8_t* 
         return a;
       };
       const bool st = sal[t];
-      if (path == Isa::Vnni) {  // 8 rows per pass where 32 registers hold them (the others: 16)
-        for (; m + 8 <= M; m += 8) vnni_tile<B, 8>(st, L, shifted(m), n0, nt, y + m * N, N, bias);
+      if (path == Isa::Vnni) {
+        // Up to 8 rows per pass where 32 registers hold them, the rows spread evenly over the fewest passes
+        // (15 rows: 8 + 7, not 8 + 4 + 2 + 1: a pass of one row is one chain of dependent vpdpbusd).
+        const int64_t passes = (M + 7) / 8;
+        for (int64_t k = 0; k < passes; ++k) {
+          const int64_t m0 = M * k / passes, rows = M * (k + 1) / passes - m0;
+          vnni_rows<B>(int(rows), st, L, shifted(m0), n0, nt, y + m0 * N, N, bias);
+        }
+        return;
       }
       for (; m + 4 <= M; m += 4) run_tile<B, 4>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
       for (; m + 2 <= M; m += 2) run_tile<B, 2>(path, st, L, shifted(m), n0, nt, y + m * N, N, bias);
