@@ -220,6 +220,26 @@ inline __m256 exp8(__m256 x) {  // as exp16, eight lanes
 }
 #endif
 
+// max_i x[i] over n >= 1 floats, in vectors (a scalar max is one dependent chain: a third of a long row's
+// attention went to it). The order does not change a maximum.
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -INFINITY;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= n; i += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(x + i));
+  m = _mm512_reduce_max_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + i));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  for (int k = 0; k < 8; ++k) m = std::max(m, t[k]);
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
 // x[i] = exp(x[i] - m) for n floats; returns their sum (the softmax's denominator).
 inline float exp_sub_sum(float* x, int64_t n, float m) {
   int64_t i = 0;
@@ -391,33 +411,94 @@ inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int
   }
 }
 
-// Values: out[r * D + :] += sum_{o < cnt} p[r * ldp + o] v[o * D + :] for R <= RB rows with every output chunk
-// (NC = D / 16 of them per row) in its own register across the block: R * NC independent chains, each value chunk
+// A 16-float chunk of keys or values: fp32 as stored, fp16 converted in the register (exact), so an fp16 cache
+// is read without a converted copy of each block.
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// block_dots over fp16 keys: each key chunk converted once for NR <= 3 query rows (a KV head's query heads), the
+// same products in the same order as block_dots over the keys as floats (the same scores, bit for bit).
+template <int NR>
+inline void block_dots_h_rows(const float* q, int64_t D, const at::Half* k, int64_t cnt, float* dots, int64_t ldd) {
+  int64_t o = 0;
+  for (; o + 4 <= cnt; o += 4) {
+    __m512 a[NR][4];
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+      __m512 kv[4];
+      for (int j = 0; j < 4; ++j) kv[j] = load16f(k + (o + j) * D + c);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 qv = _mm512_loadu_ps(q + r * D + c);
+        for (int j = 0; j < 4; ++j) a[r][j] = _mm512_fmadd_ps(qv, kv[j], a[r][j]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {  // folded as block_dots folds them
+      const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[r][0], a[r][1]), _mm512_unpackhi_ps(a[r][0], a[r][1]));
+      const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[r][2], a[r][3]), _mm512_unpackhi_ps(a[r][2], a[r][3]));
+      const __m512 t = _mm512_add_ps(
+          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
+          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
+      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+      _mm_storeu_ps(dots + r * ldd + o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
+  }
+  for (; o < cnt; ++o) {  // as dot: a product, then fused adds, then one reduction
+    for (int r = 0; r < NR; ++r) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + r * D), load16f(k + o * D));
+      for (int64_t c = 16; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + c), load16f(k + o * D + c), acc);
+      dots[r * ldd + o] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+// Scores of R query rows against cnt <= BS fp16 keys (D a multiple of 16), three rows at a time.
+inline void block_dots_h(const float* q, int64_t R, int64_t D, const at::Half* k, int64_t cnt, float* dots,
+                         int64_t ldd) {
+  int64_t r = 0;
+  for (; r + 3 <= R; r += 3) block_dots_h_rows<3>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
+  if (R - r == 2) block_dots_h_rows<2>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
+  else if (R - r == 1) block_dots_h_rows<1>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
+}
+
+// Values: out[r * D + :] += sum_{o < cnt} p[r * ldp + o] v[o * D + :] for RB rows with every output chunk
+// (NC = D / 16 of them per row) in its own register across the block: RB * NC independent chains, each value chunk
 // loaded once for all rows; positions in order, as accumulate_block takes them (the same sums, the same rounding).
-template <int NC, int RB>
-inline void block_values(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R) {
+template <int NC, int RB, typename E>
+inline void block_values(float* out, const float* p, int64_t ldp, const E* v, int64_t cnt, int64_t R) {
+  (void)R;  // == RB: every loop below runs to the constant
   constexpr int64_t D = NC * 16;
   __m512 acc[RB][NC];
-  for (int64_t r = 0; r < R; ++r)
+  for (int r = 0; r < RB; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(out + r * D + c * 16);
   for (int64_t o = 0; o < cnt; ++o) {
     __m512 vv[NC];
-    for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_ps(v + o * D + c * 16);
-    for (int64_t r = 0; r < R; ++r) {
+    for (int c = 0; c < NC; ++c) vv[c] = load16f(v + o * D + c * 16);
+    for (int r = 0; r < RB; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * ldp + o]);
       for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
-  for (int64_t r = 0; r < R; ++r)
+  for (int r = 0; r < RB; ++r)
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + r * D + c * 16, acc[r][c]);
 }
 
-template <int NC>
-inline void block_values_rows(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R) {
+template <int NC, typename E>
+inline void block_values_rows(float* out, const float* p, int64_t ldp, const E* v, int64_t cnt, int64_t R) {
   constexpr int RB = NC <= 4 ? 4 : NC <= 5 ? 3 : 2;  // RB * NC accumulators + NC values fit 32 registers
-  for (int64_t r = 0; r < R; r += RB) {
-    block_values<NC, RB>(out + r * NC * 16, p + r * ldp, ldp, v, cnt, std::min<int64_t>(RB, R - r));
-  }
+  // A pass of exactly `rows` rows (the accumulators stay in registers: a row count known only at run time kept them
+  // on the stack).
+  auto pass = [&](int64_t r, int64_t rows) {
+    float* o = out + r * NC * 16;
+    const float* pr = p + r * ldp;
+    if (rows >= 4) block_values<NC, RB >= 4 ? 4 : RB, E>(o, pr, ldp, v, cnt, rows);
+    else if (rows == 3) block_values<NC, RB >= 3 ? 3 : RB, E>(o, pr, ldp, v, cnt, rows);
+    else if (rows == 2) block_values<NC, 2, E>(o, pr, ldp, v, cnt, rows);
+    else block_values<NC, 1, E>(o, pr, ldp, v, cnt, rows);
+  };
+  for (int64_t r = 0; r < R; r += RB) pass(r, std::min<int64_t>(RB, R - r));
 }
 
 // The blocked value product where the head size allows it (D = 16 .. 128 in steps of 16), else accumulate_block.
@@ -435,6 +516,22 @@ inline void values_block(float* out, const float* p, int64_t ldp, const float* v
     default: return accumulate_block(out, p, ldp, v, cnt, R, D);
   }
 }
+// values_block over fp16 values (D = 16 .. 128 in steps of 16), each chunk converted in the register.
+inline void values_block_h(float* out, const float* p, int64_t ldp, const at::Half* v, int64_t cnt, int64_t R,
+                           int64_t D) {
+  switch (D) {
+    case 16: return block_values_rows<1>(out, p, ldp, v, cnt, R);
+    case 32: return block_values_rows<2>(out, p, ldp, v, cnt, R);
+    case 48: return block_values_rows<3>(out, p, ldp, v, cnt, R);
+    case 64: return block_values_rows<4>(out, p, ldp, v, cnt, R);
+    case 80: return block_values_rows<5>(out, p, ldp, v, cnt, R);
+    case 96: return block_values_rows<6>(out, p, ldp, v, cnt, R);
+    case 112: return block_values_rows<7>(out, p, ldp, v, cnt, R);
+    default: return block_values_rows<8>(out, p, ldp, v, cnt, R);
+  }
+}
+// The fp16 cache is read in place (no converted copy) where the head size allows it.
+constexpr bool kHalfInPlace = true;
 #else
 inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int64_t cnt, float* dots,
                        int64_t ldd) {
@@ -446,6 +543,9 @@ inline void values_block(float* out, const float* p, int64_t ldp, const float* v
                          int64_t D) {
   accumulate_block(out, p, ldp, v, cnt, R, D);
 }
+constexpr bool kHalfInPlace = false;
+inline void block_dots_h(const float*, int64_t, int64_t, const at::Half*, int64_t, float*, int64_t) {}
+inline void values_block_h(float*, const float*, int64_t, const at::Half*, int64_t, int64_t, int64_t) {}
 #endif
 
 // Tasks 0 .. n - 1 as one list per thread: contiguous runs of equal length (as at::parallel_for splits a range)
@@ -682,6 +782,7 @@ struct DecodeLayer : torch::CustomClassHolder {
     const at::Half* vsc = quantized ? cache[3].data_ptr<at::Half>() : nullptr;
     const at::Half* kz = kind == 4 ? cache[4].data_ptr<at::Half>() : nullptr;
     const at::Half* vz = kind == 4 ? cache[5].data_ptr<at::Half>() : nullptr;
+    const bool half_in_place = kHalfInPlace && kind == 16 && D % 16 == 0 && D <= 128;
     // The codes of entry e as floats in buf (int4: low nibbles the first half, high nibbles the second).
     auto codes = [&](const int8_t* c8, const uint8_t* c4, int64_t e, float* buf) {
       if (kind == 8) {
@@ -732,6 +833,11 @@ struct DecodeLayer : torch::CustomClassHolder {
         const int64_t b = t / (KVH * tasks_per_kv), g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
         const int32_t* trow = table + sl[b] * max_blocks;
+        auto prefetch_next = [&](int64_t i, const at::Half* pool) {  // as load_block does for the next block
+          if ((i + 1) * BS >= n) return;
+          const char* nxt = reinterpret_cast<const char*>(pool + (g * NB + int64_t(trow[i + 1])) * BS * CD);
+          for (int64_t off = 0; off < BS * CD * 2; off += 64) __builtin_prefetch(nxt + off);
+        };
         for (int64_t r = 0; r < per_task; ++r) {
           const float* q = qkvp + b * qkv_w + (h0 + r) * D;
           float* qr = qs.data() + r * D;
@@ -807,8 +913,14 @@ struct DecodeLayer : torch::CustomClassHolder {
         for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
           const int64_t cnt = std::min(BS, n - j0);
           const float *keys, *ks, *kzero;
-          load_block(i, cnt, kf, kh, k8, k4, ksc, kz, ksink, keys, ks, kzero);
-          block_dots(qs.data(), per_task, D, keys, cnt, dots.data(), BS);
+          if (half_in_place) {
+            prefetch_next(i, kh);
+            block_dots_h(qs.data(), per_task, D, kh + (g * NB + int64_t(trow[i])) * BS * CD, cnt, dots.data(), BS);
+            ks = nullptr;
+          } else {
+            load_block(i, cnt, kf, kh, k8, k4, ksc, kz, ksink, keys, ks, kzero);
+            block_dots(qs.data(), per_task, D, keys, cnt, dots.data(), BS);
+          }
           for (int64_t r = 0; r < per_task; ++r) {
             float* s = score.data() + r * n + j0;
             const float* dr = dots.data() + r * BS;
@@ -824,9 +936,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
         for (int64_t r = 0; r < per_task; ++r) {  // softmax of each head's scores, unnormalised
           float* sc = score.data() + r * n;
-          float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+          const float mx = max_of(sc, n);
           qsum[r] = 1.f / exp_sub_sum(sc, n, mx);  // reused: the normaliser
           float* o = corep + b * H * D + (h0 + r) * D;
           for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
@@ -834,8 +944,13 @@ struct DecodeLayer : torch::CustomClassHolder {
         for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
           const int64_t cnt = std::min(BS, n - j0);
           const float *vals, *vs, *vzero;
-          load_block(i, cnt, vf, vh, v8, v4, vsc, vz, vsink, vals, vs, vzero);
           float* out = corep + b * H * D + h0 * D;
+          if (half_in_place) {
+            prefetch_next(i, vh);
+            values_block_h(out, score.data() + j0, n, vh + (g * NB + int64_t(trow[i])) * BS * CD, cnt, per_task, D);
+            continue;
+          }
+          load_block(i, cnt, vf, vh, v8, v4, vsc, vz, vsink, vals, vs, vzero);
           if (!vs) {  // fp32: the probabilities as they are
             values_block(out, score.data() + j0, n, vals, cnt, per_task, D);
             continue;
