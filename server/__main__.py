@@ -29,6 +29,10 @@ def parse_args(argv=None, prog: str = "python -m mamp.server") -> ServerConfig:
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
                    help="prompt tokens prefilled per engine step, before each decode step (chunked prefill: a long "
                         "prompt delays running streams by one chunk per step)")
+    p.add_argument("--prefill-beside", action=argparse.BooleanOptionalAction, default=d.prefill_beside,
+                   help="prefill a prompt longer than --max-prefill-tokens on a helper thread beside the running "
+                        "streams' decode steps, the cores split between them (native CPU step, 2+ threads), rather "
+                        "than in chunks inside the steps")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="default: the model's limit")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype)

@@ -45,6 +45,10 @@ class ServerConfig:
     # (docs/RESULTS.md, benchmarks/prefill_stall.py): 32 kept running streams within 2 decode steps, the whole
     # prompt at once stalled them 6-19 steps; 64 is between in stalls and in time to first token.
     max_prefill_tokens: int = 64
+    # A prompt longer than max_prefill_tokens that arrives while streams decode is prefilled on a helper thread
+    # beside the decode steps, the cores split between them (server/engine.py), where the native CPU step serves
+    # and two or more threads are set; False: its chunks ride in the decode steps.
+    prefill_beside: bool = True
     max_model_len: Optional[int] = None  # prompt + generation, tokens; None -> the model's own limit
     device: Device = "auto"
     dtype: DType = "auto"           # auto -> float32 on CPU, bfloat16 on CUDA

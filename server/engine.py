@@ -9,6 +9,13 @@ rather than by its whole prefill. With the native CPU step the chunks ride in th
 more rows (vLLM's mixed batches); otherwise each chunk is a prefill call before the decode call. (Prompts asking
 for prompt logprobs are prefilled whole.)
 
+A prompt longer than the budget that arrives while streams are decoding is prefilled *beside* them
+(prefill_beside, with the native step and two or more threads): a helper thread runs its chunks while the engine
+thread goes on decoding, the cores split between the two (on 2 cores one each), so the streams slow to the
+one-thread step instead of waiting for each chunk (in-process on 2 cores: a 512-token prompt prefilled in ~0.8 s
+while 15 streams' steps took 1.6x their two-thread time; in-step chunks of 16 tokens took 1.9–2.3x each step
+and ~1 s). The results are the same either way (every row is computed the same whatever the batch and threads).
+
 KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt and the first
 generated position) and as it grows; a sequence waits in the queue until those blocks are free. When a running
 sequence needs a block and none is free, the sequence that arrived last is preempted (like vLLM's recompute
@@ -23,6 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -88,15 +96,21 @@ class Engine:
     # streaming clients faster than two on 2 cores; since it, two are faster at every load, and both default to
     # all cores (docs/RESULTS.md). The lm_head always runs on threads[1] (one call, one barrier).
     BATCH_ROWS = 8
+    # Tokens per call of a prompt prefilled beside the decode steps (larger calls pass over the weights fewer times;
+    # the job stops between calls when its sequence is preempted or aborted).
+    BESIDE_CHUNK = 128
 
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
                  on_finished: Callable[[RequestStats], None] = lambda stats: None, max_prefill_tokens: int = 64,
                  threads: Optional[tuple[int, int]] = None,
-                 deliver: Callable[[list[tuple[Sink, SeqOutput]]], None] = deliver_each):
+                 deliver: Callable[[list[tuple[Sink, SeqOutput]]], None] = deliver_each,
+                 prefill_beside: bool = False):
         """threads: (for small steps, for steps of BATCH_ROWS rows or more), set with torch.set_num_threads by
         the engine thread before each step; None leaves torch's setting alone.
         deliver: hands a step's outputs, (sink, output) in the order made, to their sinks once the step is done
-        (server/async_engine.deliver wakes each event loop once per step rather than once per output)."""
+        (server/async_engine.deliver wakes each event loop once per step rather than once per output).
+        prefill_beside: long prompts prefilled on a helper thread beside the decode steps (module docstring), where
+        the runner has the native step and `threads` gives two or more."""
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         if threads is not None and min(threads) < 1:
@@ -124,6 +138,12 @@ class Engine:
         self.num_preemptions = 0
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        # The prompt being prefilled beside the decode steps: (sequence, its job, the job's cancel flag).
+        self._beside: Optional[tuple[_Sequence, Future, threading.Event]] = None
+        self._helper = (ThreadPoolExecutor(1, thread_name_prefix="mamp-prefill")
+                        if prefill_beside and runner.mixed_prefill and threads is not None and threads[1] >= 2
+                        else None)
+        self.num_prefills_beside = 0
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -175,6 +195,9 @@ class Engine:
                 self._step()
             except Exception:  # keep serving; the failing sequences were ended inside _step
                 logger.exception("engine step failed")
+        self._stop_beside()
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
         for seq in list(self._running.values()) + list(self._waiting):
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
 
@@ -220,7 +243,9 @@ class Engine:
                 admitted.append(seq)
         for seq in admitted:
             self._admit(seq)
-        self._decode(self._prefill_chunks())
+        self._collect_beside()
+        if not self._decode(self._prefill_chunks()) and self._beside is not None:
+            wait([self._beside[1]], timeout=0.05)  # only the helper has work: wait for it (or for news)
 
     def _admit(self, seq: _Sequence) -> None:
         seq.scheduled = seq.scheduled or time.monotonic()
@@ -254,6 +279,9 @@ class Engine:
             want_prompt = seq.params.prompt_logprobs is not None and not resumed
             left = len(seq.target) - seq.prefilled
             n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
+            if left > budget and not want_prompt and self._start_beside(seq):
+                self._prefilling.popleft()
+                continue
             if self.runner.mixed_prefill and not want_prompt:
                 mixed.append((seq, n))
                 budget -= n
@@ -283,16 +311,16 @@ class Engine:
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
         return mixed
 
-    def _decode(self, chunks: list[tuple[_Sequence, int]] = ()) -> None:
+    def _decode(self, chunks: list[tuple[_Sequence, int]] = ()) -> bool:
         """One call for every sequence with a first token (prefill complete; in slot order, see
         BatchedLlama.decode) and the prompt chunks _prefill_chunks left for it (sequence, tokens): their rows
-        after the decode rows, logits only where a prompt completes."""
+        after the decode rows, logits only where a prompt completes. Returns whether there was a call."""
         seqs = [s for s in self._running.values() if s.output_ids and s.prefilled == len(s.target)]
         seqs = self._grow(seqs)
         seqs.sort(key=lambda s: s.slot)
         chunks = [(s, n) for s, n in chunks if self._running.get(s.slot) is s]  # _grow may have preempted some
         if not seqs and not chunks:
-            return
+            return False
         slots = [s.slot for s in seqs]
         tokens = [s.output_ids[-1] for s in seqs]
         positions = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs]
@@ -312,7 +340,7 @@ class Engine:
             logger.exception("decode step failed; ending %d sequences", len(everyone))
             for seq in everyone:
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
-            return
+            return True
         for seq, row in zip(seqs, logits):
             try:
                 self._advance(seq, row)
@@ -333,6 +361,67 @@ class Engine:
             except Exception as exc:
                 logger.exception("sampling failed for sequence %d", seq.seq_id)
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+        return True
+
+    # ---- a long prompt prefilled beside the decode steps ---------------------------------------------------
+    def _start_beside(self, seq: _Sequence) -> bool:
+        """Hands the rest of seq's prompt to the helper thread, if there is one, it is idle and streams are
+        decoding (alone, the prompt is better served by the in-step chunks on every thread)."""
+        if self._helper is None or self._beside is not None:
+            return False
+        if not any(s.output_ids and s.prefilled == len(s.target) for s in self._running.values()):
+            return False
+        cancel = threading.Event()
+        start, target, slot = seq.prefilled, list(seq.target), seq.slot
+        chunk = max(self.max_prefill_tokens, self.BESIDE_CHUNK)
+        runner = self.runner
+
+        def job() -> tuple[int, torch.Tensor]:
+            pos, logits = start, None
+            while pos < len(target) and not cancel.is_set():
+                n = min(chunk, len(target) - pos)
+                logits = runner.decode([slot] * n, target[pos:pos + n], list(range(pos, pos + n)), [n - 1])
+                pos += n
+            return pos, logits
+
+        self.num_prefills_beside += 1
+        self._beside = (seq, Future(), cancel)
+        self._use_threads(0)  # both threads on their share of the cores before the job's first call
+        self._beside = (seq, self._helper.submit(job), cancel)
+        return True
+
+    def _collect_beside(self) -> None:
+        """Where the helper's prompt is done: its first token sampled, and it joins the decode batch."""
+        if self._beside is None or not self._beside[1].done():
+            return
+        seq, job, _ = self._beside
+        self._beside = None
+        try:
+            seq.prefilled, logits = job.result()
+        except Exception as exc:
+            logger.exception("prefill failed for sequence %d", seq.seq_id)
+            self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+            return
+        if seq.output_ids:  # resumed after a preemption: its next token is known
+            return
+        try:
+            if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                self._finish(seq, "length", SeqOutput(None, "", "length", None))
+            else:
+                self._advance(seq, logits[-1])
+        except Exception as exc:
+            logger.exception("sampling failed for sequence %d", seq.seq_id)
+            self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+
+    def _stop_beside(self, seq: Optional[_Sequence] = None) -> None:
+        """Stops the helper's job (that of `seq`, or any) at its next chunk and waits for it: its blocks may then
+        be freed. What it cached is dropped with them."""
+        if self._beside is None or (seq is not None and self._beside[0] is not seq):
+            return
+        _, job, cancel = self._beside
+        self._beside = None
+        cancel.set()
+        wait([job])
 
     def _grow(self, seqs: list[_Sequence]) -> list[_Sequence]:
         """Blocks for each decoding sequence's next position, oldest first; where the pool is short, the latest
@@ -371,6 +460,7 @@ class Engine:
             self._waiting.appendleft(seq)
 
     def _vacate(self, seq: _Sequence) -> None:
+        self._stop_beside(seq)  # the helper must be done with its blocks before they go back to the pool
         del self._running[seq.slot]
         self.runner.release(seq.slot)
         heapq.heappush(self._free_slots, seq.slot)
@@ -380,6 +470,10 @@ class Engine:
         if self.threads is None:
             return
         want = self.threads[1] if rows >= self.BATCH_ROWS else self.threads[0]
+        head = self.threads[1]
+        if self._beside is not None:  # torch's thread count is one for the process: half each
+            want = head = max(1, self.threads[1] // 2)
+        self.runner.head_threads = head
         if want != self._threads_now:
             torch.set_num_threads(want)
             self._threads_now = want

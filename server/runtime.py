@@ -90,7 +90,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
                     on_finished=lambda stats: metrics.observe_finished(stats),
                     max_prefill_tokens=config.max_prefill_tokens,
                     threads=(config.threads, config.threads_batch) if config.threads and config.threads_batch else None,
-                    deliver=deliver)
+                    deliver=deliver, prefill_beside=config.prefill_beside)
     metrics = ServerMetrics(config.model_name, info, engine.snapshot)
     ctx = ServingContext(engine, tokenizer, config.model_name, max_len, runner.vocab_size, _eos_ids(model, tokenizer))
     return Runtime(config, info, engine, metrics, CompletionService(ctx), ChatService(ctx), max_len)

@@ -26,10 +26,10 @@ PROMPTS = ["Once upon a time", "The cat", "Lily and Tom went", "One day", "She s
 
 
 def run_engine(model, tok, prompts: list[str], blocks: int, rows: int = 4, max_tokens: int = 40, kind="auto",
-               block_size: int = 16):
+               block_size: int = 16, **engine_args):
     """Greedy completions through a real Engine thread; returns (token ids per prompt, engine)."""
     runner = BatchedLlama(model, rows, 128, kv_cache_dtype=kind, kv_cache_blocks=blocks, kv_block_size=block_size)
-    engine = Engine(runner, tok, rows, max_queue=64, max_prefill_tokens=8)
+    engine = Engine(runner, tok, rows, max_queue=64, max_prefill_tokens=8, **engine_args)
     done = threading.Semaphore(0)
     outs: list[list] = [[] for _ in prompts]
 
@@ -214,3 +214,82 @@ def test_prompt_chunks_in_the_decode_call_give_the_same_text(tiny_packed, monkey
     monkeypatch.setattr(BatchedLlama, "mixed_prefill", property(lambda self: False))
     apart, _ = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind)
     assert mixed == apart
+
+
+@pytest.mark.parametrize("kind,blocks", [("auto", 64), ("int8", 64), ("auto", 12)])
+def test_long_prompts_prefilled_beside_the_decode_steps_give_the_same_text(tiny_packed, kind, blocks):
+    """Prompts longer than the 8-token budget that arrive while others decode are prefilled on the helper thread
+    beside the decode steps (2 threads: one each) and give the text the in-step chunks give; with 12 blocks
+    sequences are also preempted (a helper job stopped before its blocks are freed) and resumed."""
+    model, tok = tiny_packed
+    prompts = [p + " and then the little dog ran to the park to play with the ball" * (i % 3 + 1) for i, p in
+               enumerate(PROMPTS[:6])]
+    beside, engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind, threads=(2, 2),
+                                prefill_beside=True)
+    assert engine.num_prefills_beside > 0 and (engine.num_preemptions > 0) == (blocks < 64)
+    inline, engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind, threads=(2, 2),
+                                prefill_beside=False)
+    assert engine.num_prefills_beside == 0
+    assert beside == inline
+    assert engine.runner.cache.allocator.num_used == 0
+
+
+def test_a_prompt_aborted_while_prefilled_beside_frees_its_blocks_only_after_the_helper_stops(tiny_packed):
+    """The helper thread's job is held in its first call; the prompt is aborted meanwhile: the abort waits for the
+    job (its blocks go back to the pool only once no call of the helper is writing them), and the stream beside
+    it finishes as it would alone."""
+    model, tok = tiny_packed
+    runner = BatchedLlama(model, 4, 128, kv_cache_blocks=64)
+    engine = Engine(runner, tok, 4, max_queue=8, max_prefill_tokens=8, threads=(2, 2), prefill_beside=True)
+    gate, entered, in_helper = threading.Event(), threading.Event(), threading.Event()
+    released_while_busy = []
+    decode, release = runner.decode, runner.release
+
+    def held_decode(*args, **kw):
+        if threading.current_thread().name.startswith("mamp-prefill"):
+            in_helper.set()
+            entered.set()
+            gate.wait(30)
+            try:
+                return decode(*args, **kw)
+            finally:
+                in_helper.clear()
+        return decode(*args, **kw)
+
+    def watched_release(slot):
+        released_while_busy.append(in_helper.is_set())
+        release(slot)
+
+    runner.decode, runner.release = held_decode, watched_release
+    outs: dict[int, list] = {0: [], 1: []}
+    done = threading.Semaphore(0)
+
+    def sink(i):
+        def put(out):
+            outs[i].append(out)
+            if out.finish_reason is not None:
+                done.release()
+        return put
+
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine.start()
+    try:
+        engine.submit([tok("Once upon a time").input_ids], [greedy], [sink(0)])
+        while not outs[0]:  # streaming: the next prompt arrives beside a decoding sequence
+            threading.Event().wait(0.005)
+        long_ids = tok(" ".join(["the little dog ran to the park"] * 6)).input_ids
+        (long_id,) = engine.submit([long_ids], [greedy], [sink(1)])
+        assert entered.wait(30) and engine.num_prefills_beside == 1
+        engine.abort([long_id])
+        threading.Event().wait(0.2)  # the engine is waiting for the held job
+        assert not outs[1]
+        gate.set()
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        gate.set()
+        engine.shutdown()
+    assert outs[1][-1].finish_reason == "abort" and outs[0][-1].finish_reason == "length"
+    assert released_while_busy and not any(released_while_busy)
+    assert runner.cache.allocator.num_used == 0
+    alone, _ = run_engine(model, tok, ["Once upon a time"], blocks=64, max_tokens=30)
+    assert [o.token.token_id for o in outs[0] if o.token is not None] == alone[0]
