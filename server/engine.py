@@ -12,9 +12,10 @@ for prompt logprobs are prefilled whole.)
 A prompt longer than the budget that arrives while streams are decoding is prefilled *beside* them
 (prefill_beside, with the native step and two or more threads): a helper thread runs its chunks while the engine
 thread goes on decoding, the cores split between the two (on 2 cores one each), so the streams slow to the
-one-thread step instead of waiting for each chunk (in-process on 2 cores: a 512-token prompt prefilled in ~0.8 s
-while 15 streams' steps took 1.6x their two-thread time; in-step chunks of 16 tokens took 1.9–2.3x each step
-and ~1 s). The results are the same either way (every row is computed the same whatever the batch and threads).
+one-thread step instead of waiting for each chunk (benchmarks/prefill_stall.py on 2 cores, a 512-token prompt
+beside 15 streams: first token in 0.80–1.02 s, median 0.85, the streams' worst gap 1.6–2.3 decode steps; in-step
+chunks of 16 tokens 1.06–1.11 s and 2.0–2.3 steps; docs/RESULTS.md). The results are the same either way (every
+row is computed the same whatever the batch and threads).
 
 KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt and the first
 generated position) and as it grows; a sequence waits in the queue until those blocks are free. When a running
