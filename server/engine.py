@@ -98,7 +98,8 @@ class Engine:
     # all cores (docs/RESULTS.md). The lm_head always runs on threads[1] (one call, one barrier).
     BATCH_ROWS = 8
     # Tokens per call of a prompt prefilled beside the decode steps (larger calls pass over the weights fewer times;
-    # the job stops between calls when its sequence is preempted or aborted).
+    # the job stops between calls when its sequence is preempted or aborted, and the engine thread waits for the
+    # call in progress: ~0.1-0.2 s on one core of the CPU box).
     BESIDE_CHUNK = 128
 
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
@@ -246,7 +247,12 @@ class Engine:
             self._admit(seq)
         self._collect_beside()
         if not self._decode(self._prefill_chunks()) and self._beside is not None:
-            wait([self._beside[1]], timeout=0.05)  # only the helper has work: wait for it (or for news)
+            # Only the helper has work: its next calls take every thread, and this thread waits for it to finish
+            # (its done callback notifies) or for a request or abort to arrive.
+            self._use_threads(0, helper_alone=True)
+            with self._cv:
+                if not (self._beside[1].done() or self._aborts or self._stopping):
+                    self._cv.wait(timeout=0.05)
 
     def _admit(self, seq: _Sequence) -> None:
         seq.scheduled = seq.scheduled or time.monotonic()
@@ -280,7 +286,7 @@ class Engine:
             want_prompt = seq.params.prompt_logprobs is not None and not resumed
             left = len(seq.target) - seq.prefilled
             n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
-            if left > budget and not want_prompt and self._start_beside(seq):
+            if left > self.max_prefill_tokens and not want_prompt and self._start_beside(seq):
                 self._prefilling.popleft()
                 continue
             if self.runner.mixed_prefill and not want_prompt:
@@ -372,6 +378,8 @@ class Engine:
             return False
         if not any(s.output_ids and s.prefilled == len(s.target) for s in self._running.values()):
             return False
+        if self.runner.cache.blocks_needed(seq.slot, len(seq.target)) > 0:  # admission took them: the helper must
+            return False  # not allocate (the pool's lists belong to this thread)
         cancel = threading.Event()
         start, target, slot = seq.prefilled, list(seq.target), seq.slot
         chunk = max(self.max_prefill_tokens, self.BESIDE_CHUNK)
@@ -385,11 +393,23 @@ class Engine:
                 pos += n
             return pos, logits
 
-        self.num_prefills_beside += 1
-        self._beside = (seq, Future(), cancel)
+        self._beside = (seq, Future(), cancel)  # (a stand-in until submitted)
         self._use_threads(0)  # both threads on their share of the cores before the job's first call
-        self._beside = (seq, self._helper.submit(job), cancel)
+        self.num_prefills_beside += 1
+        try:
+            future = self._helper.submit(job)
+        except RuntimeError:  # the executor is shut down: the prompt goes in-step
+            self.num_prefills_beside -= 1
+            self._beside = None
+            self._use_threads(0)
+            return False
+        self._beside = (seq, future, cancel)
+        future.add_done_callback(lambda _: self._wake())
         return True
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
 
     def _collect_beside(self) -> None:
         """Where the helper's prompt is done: its first token sampled, and it joins the decode batch."""
@@ -467,13 +487,17 @@ class Engine:
         heapq.heappush(self._free_slots, seq.slot)
         seq.prefilled = 0
 
-    def _use_threads(self, rows: int) -> None:
+    def _use_threads(self, rows: int, helper_alone: bool = False) -> None:
+        """torch's thread count for the next step: threads[0] under BATCH_ROWS rows, else threads[1]; half of
+        threads[1] while a prompt is prefilled beside the steps (at::get_num_threads(), which the native kernels
+        read at each call, is one value for the process, so the helper's calls take the same count), all of it
+        for the helper when nothing decodes (helper_alone)."""
         if self.threads is None:
             return
         want = self.threads[1] if rows >= self.BATCH_ROWS else self.threads[0]
         head = self.threads[1]
-        if self._beside is not None:  # torch's thread count is one for the process: half each
-            want = head = max(1, self.threads[1] // 2)
+        if self._beside is not None:
+            want = head = self.threads[1] if helper_alone else max(1, self.threads[1] // 2)
         self.runner.head_threads = head
         if want != self._threads_now:
             torch.set_num_threads(want)

@@ -11,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,18 +221,22 @@ def test_prompt_chunks_in_the_decode_call_give_the_same_text(tiny_packed, monkey
 def test_long_prompts_prefilled_beside_the_decode_steps_give_the_same_text(tiny_packed, kind, blocks):
     """Prompts longer than the 8-token budget that arrive while others decode are prefilled on the helper thread
     beside the decode steps (2 threads: one each) and give the text the in-step chunks give; with 12 blocks
-    sequences are also preempted (a helper job stopped before its blocks are freed) and resumed."""
+    sequences are also preempted and resumed; every block comes back."""
     model, tok = tiny_packed
     prompts = [p + " and then the little dog ran to the park to play with the ball" * (i % 3 + 1) for i, p in
                enumerate(PROMPTS[:6])]
-    beside, engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind, threads=(2, 2),
-                                prefill_beside=True)
+    before = torch.get_num_threads()
+    try:
+        beside, engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind, threads=(2, 2),
+                                    prefill_beside=True)
+        inline, inline_engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind,
+                                           threads=(2, 2), prefill_beside=False)
+    finally:
+        torch.set_num_threads(before)
     assert engine.num_prefills_beside > 0 and (engine.num_preemptions > 0) == (blocks < 64)
-    inline, engine = run_engine(model, tok, prompts, blocks=blocks, max_tokens=20, kind=kind, threads=(2, 2),
-                                prefill_beside=False)
-    assert engine.num_prefills_beside == 0
+    assert inline_engine.num_prefills_beside == 0
     assert beside == inline
-    assert engine.runner.cache.allocator.num_used == 0
+    assert engine.runner.cache.allocator.num_used == 0 and inline_engine.runner.cache.allocator.num_used == 0
 
 
 def test_a_prompt_aborted_while_prefilled_beside_frees_its_blocks_only_after_the_helper_stops(tiny_packed):
@@ -261,33 +266,49 @@ def test_a_prompt_aborted_while_prefilled_beside_frees_its_blocks_only_after_the
         release(slot)
 
     runner.decode, runner.release = held_decode, watched_release
+    stop_beside, stopping = engine._stop_beside, threading.Event()
+
+    def watched_stop(seq=None):
+        if engine._beside is not None:
+            stopping.set()
+        stop_beside(seq)
+
+    engine._stop_beside = watched_stop
     outs: dict[int, list] = {0: [], 1: []}
     done = threading.Semaphore(0)
+    first_out, submitted = threading.Event(), threading.Event()
 
     def sink(i):
         def put(out):
             outs[i].append(out)
+            if i == 0 and len(outs[0]) == 1:  # the engine thread holds here until the long prompt is queued, so
+                first_out.set()  # it arrives beside a decoding sequence however fast this one decodes
+                submitted.wait(30)
             if out.finish_reason is not None:
                 done.release()
         return put
 
     greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    before = torch.get_num_threads()
     engine.start()
     try:
         engine.submit([tok("Once upon a time").input_ids], [greedy], [sink(0)])
-        while not outs[0]:  # streaming: the next prompt arrives beside a decoding sequence
-            threading.Event().wait(0.005)
+        assert first_out.wait(30)
         long_ids = tok(" ".join(["the little dog ran to the park"] * 6)).input_ids
         (long_id,) = engine.submit([long_ids], [greedy], [sink(1)])
+        submitted.set()
         assert entered.wait(30) and engine.num_prefills_beside == 1
         engine.abort([long_id])
-        threading.Event().wait(0.2)  # the engine is waiting for the held job
+        assert stopping.wait(30)  # the engine is ending the aborted sequence: it waits for the held call
+        threading.Event().wait(0.1)
         assert not outs[1]
         gate.set()
         assert done.acquire(timeout=60) and done.acquire(timeout=60)
     finally:
         gate.set()
+        submitted.set()
         engine.shutdown()
+        torch.set_num_threads(before)
     assert outs[1][-1].finish_reason == "abort" and outs[0][-1].finish_reason == "length"
     assert released_while_busy and not any(released_while_busy)
     assert runner.cache.allocator.num_used == 0
