@@ -13,7 +13,7 @@ A prompt longer than the budget that arrives while streams are decoding is prefi
 (prefill_beside, with the native step and two or more threads): a helper thread runs its chunks while the engine
 thread goes on decoding, the cores split between the two (on 2 cores one each), so the streams slow to the
 one-thread step instead of waiting for each chunk (benchmarks/prefill_stall.py on 2 cores, a 512-token prompt
-beside 15 streams: first token in 0.80–1.02 s, median 0.85, the streams' worst gap 1.6–2.3 decode steps; in-step
+beside 15 streams: first token in 0.71–1.02 s, median 0.83, the streams' worst gap 1.6–2.6 decode steps; in-step
 chunks of 16 tokens 1.06–1.11 s and 2.0–2.3 steps; docs/RESULTS.md). The results are the same either way (every
 row is computed the same whatever the batch and threads).
 
