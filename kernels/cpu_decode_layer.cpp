@@ -541,8 +541,8 @@ constexpr bool kHalfInPlace = true;
 // of the sequence up to p0 + R - 1, so each key is read once for all of them and the products are register-blocked
 // outer products with no horizontal sums (a 64-row chunk at 1,984 positions: both products at ~90 % of the fp32
 // FMA peak; the chunk's step 1.2x faster than row by row). Values are read from the cache in place (fp16
-// converted in the register); the scores and probabilities sit in a [positions][16 G] buffer, so the softmax
-// runs across lanes too.
+// converted in the register; int8 rows dequantized into a buffer); the scores and probabilities sit in a
+// [positions][16 G] buffer, so the softmax runs across lanes too.
 constexpr int64_t kRunRows = 16;  // rows per run task: the 16 lanes of a vector
 constexpr int64_t kRunMin = 4;    // shorter runs go row by row
 
@@ -943,11 +943,11 @@ struct DecodeLayer : torch::CustomClassHolder {
       }
     };
     // A prompt chunk's rows (kRunMin or more consecutive rows of one sequence at consecutive positions) go
-    // together, up to kRunRows a task per KV head, on fp32 and fp16 caches (the run path above); other rows one
-    // at a time. Which rows run together depends on the rows alone, not on the threads.
+    // together, up to kRunRows a task per KV head, on fp32, fp16 and int8 caches (the run path above); other rows
+    // one at a time. Which rows run together depends on the rows alone, not on the threads.
     std::vector<int64_t> single;               // rows attended one at a time
     std::vector<std::pair<int64_t, int64_t>> runs;  // (first row, rows) of each run task
-    const bool run_path = (kind == 0 || kind == 16) && run_path_applies(group, D);
+    const bool run_path = (kind == 0 || kind == 16 || kind == 8) && run_path_applies(group, D);
     for (int64_t b = 0; b < B;) {
       int64_t e = b + 1;
       while (e < B && sl[e] == sl[b] && ps[e] == ps[e - 1] + 1) ++e;
@@ -989,9 +989,11 @@ struct DecodeLayer : torch::CustomClassHolder {
       return -1;
     };
     // A run task: rows run.first .. + run.second of one sequence, KV head g, every query head sharing it.
+    // int8 entries hold rotated vectors times a per-entry scale: the queries are rotated, each key and value row
+    // dequantized (codes x scale) as it is read, the outputs rotated back (as the row-by-row path does).
     auto attend_run = [&](std::pair<int64_t, int64_t> run, int64_t g, std::vector<float>& qt, std::vector<float>& kb,
                           std::vector<float>& score, std::vector<float>& inv, std::vector<int64_t>& lanes,
-                          std::vector<float>& outs) {
+                          std::vector<float>& outs, std::vector<float>& vrows) {
       const int64_t b0 = run.first, R = run.second, p0 = ps[b0], n = p0 + R, QW = group * kRunRows;
       const int32_t* trow = table + sl[b0] * max_blocks;
       qt.assign(D * QW, 0.f);
@@ -999,6 +1001,11 @@ struct DecodeLayer : torch::CustomClassHolder {
       for (int64_t j = 0; j < group; ++j) {
         for (int64_t r = 0; r < R; ++r) {
           const float* q = qkvp + (b0 + r) * qkv_w + (g * group + j) * D;
+          if (kind == 8) {  // kb as scratch for the rotated query
+            std::copy(q, q + D, kb.data());
+            rotate(kb.data(), D);
+            q = kb.data();
+          }
           for (int64_t d = 0; d < D; ++d) qt[d * QW + j * kRunRows + r] = q[d];
           lanes.push_back(j * kRunRows + r);
         }
@@ -1007,12 +1014,30 @@ struct DecodeLayer : torch::CustomClassHolder {
       for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
         const int64_t cnt = std::min(BS, n - j0), e0 = (g * NB + int64_t(trow[i])) * BS;
         const float* keys = kf ? kf + e0 * CD : kb.data();
-        if (!kf) halves_to_floats(kh + e0 * CD, cnt * CD, kb.data());
+        if (kh) halves_to_floats(kh + e0 * CD, cnt * CD, kb.data());
+        if (k8) {
+          for (int64_t o = 0; o < cnt; ++o) {
+            float* row = kb.data() + o * D;
+            codes(k8, nullptr, e0 + o, row);
+            const float w = float(ksc[e0 + o]);
+            for (int64_t d = 0; d < D; ++d) row[d] *= w;
+          }
+          vrows.resize(n * D);
+          for (int64_t o = 0; o < cnt; ++o) {
+            float* row = vrows.data() + (j0 + o) * D;
+            codes(v8, nullptr, e0 + o, row);
+            const float w = float(vsc[e0 + o]);
+            for (int64_t d = 0; d < D; ++d) row[d] *= w;
+          }
+        }
         run_scores_any(group, qt.data(), keys, cnt, D, scale, score.data() + j0 * QW);
       }
       run_softmax_any(group, score.data(), n, p0, R, inv.data());
       outs.resize(lanes.size() * D);
-      if (vf) {
+      if (k8) {  // the dequantized rows, in order
+        run_values_any<float>(D, score.data(), QW, [&](int64_t i) { return vrows.data() + i * BS * D; }, BS, n, lanes,
+                              outs.data());
+      } else if (vf) {
         run_values_any<float>(D, score.data(), QW, [&](int64_t i) { return vf + (g * NB + int64_t(trow[i])) * BS * CD; },
                               BS, n, lanes, outs.data());
       } else {
@@ -1025,6 +1050,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         float* o = corep + (b0 + r) * H * D + (g * group + j) * D;
         const float w = inv[lanes[i]];
         for (int64_t d = 0; d < D; ++d) o[d] = outs[i * D + d] * w;
+        if (kind == 8) rotate(o, D);
       }
     };
     auto attend = [&](int64_t tid) {
@@ -1032,12 +1058,12 @@ struct DecodeLayer : torch::CustomClassHolder {
       // Quantized kinds: one block's entries as floats (their codes) with each entry's scale and zero, and the
       // block's probabilities times the value scales per query head (fp32 entries use the scores as they are).
       std::vector<float> blk(BS * D), bsc(BS), bzr(BS), pw(per_task * BS), dots(per_task * BS);
-      std::vector<float> qt, inv(group * kRunRows), outs;  // the run path's
+      std::vector<float> qt, inv(group * kRunRows), outs, vrows;  // the run path's
       std::vector<int64_t> lanes;
       int64_t k = 0;  // the list claim() is taking from: (tid + k) % nth
       for (int64_t t; (t = claim(tid, k)) >= 0;) {
         if (t >= nsingle) {
-          attend_run(runs[(t - nsingle) / KVH], (t - nsingle) % KVH, qt, blk, score, inv, lanes, outs);
+          attend_run(runs[(t - nsingle) / KVH], (t - nsingle) % KVH, qt, blk, score, inv, lanes, outs, vrows);
           continue;
         }
         const int64_t b = single[t / (KVH * tasks_per_kv)], g = (t / tasks_per_kv) % KVH;
