@@ -416,14 +416,17 @@ inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int
 // A 16-float chunk of keys or values: fp32 as stored, fp16 converted in the register (exact), so an fp16 cache
 // is read without a converted copy of each block.
 inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const int8_t* p) {  // int8 codes as floats (exact)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m512 load16f(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // block_dots over fp16 keys: each key chunk converted once for NR <= 3 query rows (a KV head's query heads), the
 // same products in the same order as block_dots over the keys as floats (the same scores, bit for bit).
-template <int NR>
-inline void block_dots_h_rows(const float* q, int64_t D, const at::Half* k, int64_t cnt, float* dots, int64_t ldd) {
+template <int NR, typename E>
+inline void block_dots_h_rows(const float* q, int64_t D, const E* k, int64_t cnt, float* dots, int64_t ldd) {
   int64_t o = 0;
   for (; o + 4 <= cnt; o += 4) {
     __m512 a[NR][4];
@@ -456,13 +459,13 @@ inline void block_dots_h_rows(const float* q, int64_t D, const at::Half* k, int6
   }
 }
 
-// Scores of R query rows against cnt <= BS fp16 keys (D a multiple of 16), three rows at a time.
-inline void block_dots_h(const float* q, int64_t R, int64_t D, const at::Half* k, int64_t cnt, float* dots,
-                         int64_t ldd) {
+// Scores of R query rows against cnt <= BS fp16 keys or int8 codes (D a multiple of 16), three rows at a time.
+template <typename E>
+inline void block_dots_h(const float* q, int64_t R, int64_t D, const E* k, int64_t cnt, float* dots, int64_t ldd) {
   int64_t r = 0;
-  for (; r + 3 <= R; r += 3) block_dots_h_rows<3>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
-  if (R - r == 2) block_dots_h_rows<2>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
-  else if (R - r == 1) block_dots_h_rows<1>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
+  for (; r + 3 <= R; r += 3) block_dots_h_rows<3, E>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
+  if (R - r == 2) block_dots_h_rows<2, E>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
+  else if (R - r == 1) block_dots_h_rows<1, E>(q + r * D, D, k, cnt, dots + r * ldd, ldd);
 }
 
 // Values: out[r * D + :] += sum_{o < cnt} p[r * ldp + o] v[o * D + :] for RB rows with every output chunk
@@ -519,8 +522,8 @@ inline void values_block(float* out, const float* p, int64_t ldp, const float* v
   }
 }
 // values_block over fp16 values (D = 16 .. 128 in steps of 16), each chunk converted in the register.
-inline void values_block_h(float* out, const float* p, int64_t ldp, const at::Half* v, int64_t cnt, int64_t R,
-                           int64_t D) {
+template <typename E>
+inline void values_block_h(float* out, const float* p, int64_t ldp, const E* v, int64_t cnt, int64_t R, int64_t D) {
   switch (D) {
     case 16: return block_values_rows<1>(out, p, ldp, v, cnt, R);
     case 32: return block_values_rows<2>(out, p, ldp, v, cnt, R);
@@ -689,8 +692,10 @@ inline void run_softmax_any(int64_t, float*, int64_t, int64_t, int64_t, float*) 
 template <typename E, typename Block>
 inline void run_values_any(int64_t, const float*, int64_t, Block, int64_t, int64_t, const std::vector<int64_t>&,
                            float*) {}
-inline void block_dots_h(const float*, int64_t, int64_t, const at::Half*, int64_t, float*, int64_t) {}
-inline void values_block_h(float*, const float*, int64_t, const at::Half*, int64_t, int64_t, int64_t) {}
+template <typename E>
+inline void block_dots_h(const float*, int64_t, int64_t, const E*, int64_t, float*, int64_t) {}
+template <typename E>
+inline void values_block_h(float*, const float*, int64_t, const E*, int64_t, int64_t, int64_t) {}
 #endif
 
 // Tasks 0 .. n - 1 as one list per thread: contiguous runs of equal length (as at::parallel_for splits a range)
@@ -928,6 +933,7 @@ struct DecodeLayer : torch::CustomClassHolder {
     const at::Half* kz = kind == 4 ? cache[4].data_ptr<at::Half>() : nullptr;
     const at::Half* vz = kind == 4 ? cache[5].data_ptr<at::Half>() : nullptr;
     const bool half_in_place = kHalfInPlace && kind == 16 && D % 16 == 0 && D <= 128;
+    const bool int8_in_place = kHalfInPlace && kind == 8 && D % 16 == 0 && D <= 128;  // codes converted likewise
     // The codes of entry e as floats in buf (int4: low nibbles the first half, high nibbles the second).
     auto codes = [&](const int8_t* c8, const uint8_t* c4, int64_t e, float* buf) {
       if (kind == 8) {
@@ -1069,10 +1075,10 @@ struct DecodeLayer : torch::CustomClassHolder {
         const int64_t b = single[t / (KVH * tasks_per_kv)], g = (t / tasks_per_kv) % KVH;
         const int64_t h0 = g * group + (t % tasks_per_kv) * per_task, n = ps[b] + 1;  // first query head
         const int32_t* trow = table + sl[b] * max_blocks;
-        auto prefetch_next = [&](int64_t i, const at::Half* pool) {  // as load_block does for the next block
+        auto prefetch_next = [&](int64_t i, const auto* pool) {  // as load_block does for the next block
           if ((i + 1) * BS >= n) return;
           const char* nxt = reinterpret_cast<const char*>(pool + (g * NB + int64_t(trow[i + 1])) * BS * CD);
-          for (int64_t off = 0; off < BS * CD * 2; off += 64) __builtin_prefetch(nxt + off);
+          for (int64_t off = 0; off < BS * CD * int64_t(sizeof(*pool)); off += 64) __builtin_prefetch(nxt + off);
         };
         for (int64_t r = 0; r < per_task; ++r) {
           const float* q = qkvp + b * qkv_w + (h0 + r) * D;
@@ -1153,6 +1159,12 @@ struct DecodeLayer : torch::CustomClassHolder {
             prefetch_next(i, kh);
             block_dots_h(qs.data(), per_task, D, kh + (g * NB + int64_t(trow[i])) * BS * CD, cnt, dots.data(), BS);
             ks = nullptr;
+          } else if (int8_in_place) {
+            prefetch_next(i, k8);
+            const int64_t e0 = (g * NB + int64_t(trow[i])) * BS;
+            block_dots_h(qs.data(), per_task, D, k8 + e0 * CD, cnt, dots.data(), BS);
+            for (int64_t o = 0; o < cnt; ++o) bsc[o] = float(ksc[e0 + o]), bzr[o] = 0.f;
+            ks = bsc.data(), kzero = bzr.data();
           } else {
             load_block(i, cnt, kf, kh, k8, k4, ksc, kz, ksink, keys, ks, kzero);
             block_dots(qs.data(), per_task, D, keys, cnt, dots.data(), BS);
@@ -1184,6 +1196,15 @@ struct DecodeLayer : torch::CustomClassHolder {
           if (half_in_place) {
             prefetch_next(i, vh);
             values_block_h(out, score.data() + j0, n, vh + (g * NB + int64_t(trow[i])) * BS * CD, cnt, per_task, D);
+            continue;
+          }
+          if (int8_in_place) {  // the probabilities times each entry's scale, then the codes as they are cached
+            prefetch_next(i, v8);
+            const int64_t e0 = (g * NB + int64_t(trow[i])) * BS;
+            for (int64_t r = 0; r < per_task; ++r) {
+              for (int64_t o = 0; o < cnt; ++o) pw[r * BS + o] = score[r * n + j0 + o] * float(vsc[e0 + o]);
+            }
+            values_block_h(out, pw.data(), BS, v8 + e0 * CD, cnt, per_task, D);
             continue;
           }
           load_block(i, cnt, vf, vh, v8, v4, vsc, vz, vsink, vals, vs, vzero);
