@@ -98,8 +98,8 @@ class Engine:
     # all cores (docs/RESULTS.md). The lm_head always runs on threads[1] (one call, one barrier).
     BATCH_ROWS = 8
     # Tokens per call of a prompt prefilled beside the decode steps (larger calls pass over the weights fewer times;
-    # the job stops between calls when its sequence is preempted or aborted, and the engine thread waits for the
-    # call in progress: ~0.1-0.2 s on one core of the CPU box).
+    # the job stops between calls when its sequence is aborted or preempted: an abort parks its blocks until the
+    # call in progress ends, a preemption waits for it, ~0.1-0.2 s on one core of the CPU box).
     BESIDE_CHUNK = 128
 
     def __init__(self, runner: BatchedLlama, tokenizer, max_num_seqs: int, max_queue: int,
@@ -142,6 +142,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         # The prompt being prefilled beside the decode steps: (sequence, its job, the job's cancel flag).
         self._beside: Optional[tuple[_Sequence, Future, threading.Event]] = None
+        self._parked: list[tuple[int, Future]] = []  # (slot, job) of ended sequences whose job is still stopping
         self._helper = (ThreadPoolExecutor(1, thread_name_prefix="mamp-prefill")
                         if prefill_beside and runner.mixed_prefill and threads is not None and threads[1] >= 2
                         else None)
@@ -200,6 +201,7 @@ class Engine:
         self._stop_beside()
         if self._helper is not None:
             self._helper.shutdown(wait=True)
+        self._release_parked()
         for seq in list(self._running.values()) + list(self._waiting):
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
 
@@ -217,7 +219,8 @@ class Engine:
 
     def _step_inner(self) -> None:
         with self._cv:
-            while not (self._waiting or self._running or self._aborts or self._stopping):
+            while not (self._waiting or self._running or self._aborts or self._stopping
+                       or (self._parked and self._parked[0][1].done())):
                 self._cv.wait()
             if self._stopping:
                 return
@@ -227,6 +230,7 @@ class Engine:
         aborted += [s for s in self._running.values() if s.seq_id in aborts]
         for seq in aborted:
             self._finish(seq, "abort", SeqOutput(None, "", "abort"))
+        self._release_parked()
         cache = self.runner.cache
         free = cache.allocator.num_free
         with self._cv:
@@ -480,12 +484,29 @@ class Engine:
         with self._cv:
             self._waiting.appendleft(seq)
 
-    def _vacate(self, seq: _Sequence) -> None:
-        self._stop_beside(seq)  # the helper must be done with its blocks before they go back to the pool
+    def _vacate(self, seq: _Sequence, now: bool = True) -> None:
+        """Frees the row and blocks of `seq`. Where the helper is prefilling it, its job stops at its next call
+        and the blocks go back only once it has (the helper must be done writing them): waited for when `now`
+        (a preemption needs the blocks at once), else parked and freed by a later step (an abort or error does
+        not hold the streams for the helper's call in progress)."""
         del self._running[seq.slot]
+        seq.prefilled = 0
+        if self._beside is not None and self._beside[0] is seq and not now:
+            _, job, cancel = self._beside
+            self._beside = None
+            cancel.set()
+            self._parked.append((seq.slot, job))
+            return
+        self._stop_beside(seq)
         self.runner.release(seq.slot)
         heapq.heappush(self._free_slots, seq.slot)
-        seq.prefilled = 0
+
+    def _release_parked(self) -> None:
+        """Rows and blocks of ended sequences whose helper job has stopped go back to the pool."""
+        while self._parked and self._parked[0][1].done():
+            slot, _ = self._parked.pop(0)
+            self.runner.release(slot)
+            heapq.heappush(self._free_slots, slot)
 
     def _use_threads(self, rows: int, helper_alone: bool = False) -> None:
         """torch's thread count for the next step: threads[0] under BATCH_ROWS rows, else threads[1]; half of
@@ -532,7 +553,7 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, out: SeqOutput) -> None:
         if self._running.get(seq.slot) is seq:
-            self._vacate(seq)
+            self._vacate(seq, now=False)
         self._send(seq, out)
         now = time.monotonic()
         stats = RequestStats(
