@@ -81,6 +81,8 @@ def test_serve_flags_reach_the_config():
     config = parse_args(["--model", "m", "--threads", "1", "--max-request-bytes", "1000", "--no-verify"])
     assert (config.threads, config.max_request_bytes, config.verify) == (1, 1000, False)
     assert parse_args(["--model", "m"]).threads is None
+    assert parse_args(["--model", "m"]).prefill_beside is True
+    assert parse_args(["--model", "m", "--no-prefill-beside"]).prefill_beside is False
     for bad in (["--threads", "0"], ["--max-request-bytes", "-1"]):
         with pytest.raises(SystemExit) as info:
             parse_args(["--model", "m", *bad])

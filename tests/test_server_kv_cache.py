@@ -184,9 +184,16 @@ def test_abort_frees_the_blocks(tiny):
 
 
 @pytest.fixture(scope="module")
-def tiny_packed(tiny_llama_dir, tmp_path_factory):
+def tiny_packed(tiny_packed_dir):
     """The tiny model packed (RTN b = 4), loaded: its runner takes the native step and mixed prefill rows."""
     from mamp.kernels.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_packed_dir)[0], AutoTokenizer.from_pretrained(tiny_packed_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_packed_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny model packed (RTN b = 4) and saved: its folder."""
     from mamp.kernels.ops import load_cpu_ops
     from mamp.quantizer.config import QuantSpec
     from mamp.quantizer.export import save_quantized
@@ -199,7 +206,22 @@ def tiny_packed(tiny_llama_dir, tmp_path_factory):
     spec = QuantSpec.build(method="rtn", bits=4, group_size=64, salient_group_size=64)
     out = tmp_path_factory.mktemp("tiny-packed-engine") / "ckpt"
     save_quantized(quantize_model(model, spec, None, progress=False), tok, out)
-    return load_checkpoint(out)[0], tok
+    return out
+
+
+def test_the_server_prefills_long_prompts_beside_by_default(tiny_packed_dir):
+    """--prefill-beside (default on) reaches the engine where the native step serves and two threads are set;
+    --no-prefill-beside, or one thread, leaves prompts to the in-step chunks."""
+    before = torch.get_num_threads()
+    try:
+        for beside, threads, want in ((True, 2, True), (False, 2, False), (True, 1, False)):
+            config = ServerConfig(model=str(tiny_packed_dir), threads=threads, threads_batch=threads,
+                                  prefill_beside=beside, max_model_len=128)
+            runtime = build_runtime(config)
+            assert runtime.engine.runner.mixed_prefill
+            assert (runtime.engine._helper is not None) == want, (beside, threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kind,blocks", [("auto", 64), ("fp16", 64), ("int8", 64), ("auto", 12)])
