@@ -379,6 +379,17 @@ inline void accumulate_block(float* out, const float* p, int64_t ldp, const floa
 // The attention's two products register-blocked (AVX-512, head_dim D a multiple of 16; other builds and head
 // sizes use dot and accumulate_block above).
 //
+// dst[0 .. 3] = the horizontal sums of a0 .. a3: per 128-bit lane [a0 a1 a0 a1] pairs, then [a0 a1 a2 a3]
+// partials, the four lanes summed.
+inline void store_four_sums(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* dst) {
+  const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+  _mm_storeu_ps(dst, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
 // Scores: dots[r * BS + o] = q_r . k_o for R query rows and the cnt <= BS keys of a block, four keys at a time: one
 // accumulator per key over D / 16 vector chunks (independent chains), then the four folded into one vector
 // (unpack + add twice: each 128-bit lane holds the four keys' partial sums) and the 128-bit lanes added. A
@@ -398,14 +409,7 @@ inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int
         a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k2 + c), a2);
         a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k3 + c), a3);
       }
-      // per 128-bit lane: [a0 a1 a0 a1] pairs, then [a0 a1 a2 a3] partials; the four lanes summed.
-      const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-      const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-      const __m512 t = _mm512_add_ps(
-          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
-          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
-      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-      _mm_storeu_ps(dots + r * ldd + o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+      store_four_sums(a0, a1, a2, a3, dots + r * ldd + o);
     }
   }
   for (; o < cnt; ++o) {
@@ -440,15 +444,7 @@ inline void block_dots_h_rows(const float* q, int64_t D, const E* k, int64_t cnt
         for (int j = 0; j < 4; ++j) a[r][j] = _mm512_fmadd_ps(qv, kv[j], a[r][j]);
       }
     }
-    for (int r = 0; r < NR; ++r) {  // folded as block_dots folds them
-      const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[r][0], a[r][1]), _mm512_unpackhi_ps(a[r][0], a[r][1]));
-      const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[r][2], a[r][3]), _mm512_unpackhi_ps(a[r][2], a[r][3]));
-      const __m512 t = _mm512_add_ps(
-          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))),
-          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t01), _mm512_castps_pd(t23))));
-      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-      _mm_storeu_ps(dots + r * ldd + o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    }
+    for (int r = 0; r < NR; ++r) store_four_sums(a[r][0], a[r][1], a[r][2], a[r][3], dots + r * ldd + o);
   }
   for (; o < cnt; ++o) {  // as dot: a product, then fused adds, then one reduction
     for (int r = 0; r < NR; ++r) {
@@ -506,9 +502,11 @@ inline void block_values_rows(float* out, const float* p, int64_t ldp, const E* 
   for (int64_t r = 0; r < R; r += RB) pass(r, std::min<int64_t>(RB, R - r));
 }
 
-// The blocked value product where the head size allows it (D = 16 .. 128 in steps of 16), else accumulate_block.
-inline void values_block(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R,
-                         int64_t D) {
+// The blocked value product where the head size allows it (D = 16 .. 128 in steps of 16), over fp32 values, or
+// fp16 / int8 codes converted in the register; other head sizes (fp32 only: the in-place kinds require a multiple
+// of 16 up to 128) through accumulate_block.
+template <typename E>
+inline void values_block(float* out, const float* p, int64_t ldp, const E* v, int64_t cnt, int64_t R, int64_t D) {
   switch (D) {
     case 16: return block_values_rows<1>(out, p, ldp, v, cnt, R);
     case 32: return block_values_rows<2>(out, p, ldp, v, cnt, R);
@@ -518,22 +516,8 @@ inline void values_block(float* out, const float* p, int64_t ldp, const float* v
     case 96: return block_values_rows<6>(out, p, ldp, v, cnt, R);
     case 112: return block_values_rows<7>(out, p, ldp, v, cnt, R);
     case 128: return block_values_rows<8>(out, p, ldp, v, cnt, R);
-    default: return accumulate_block(out, p, ldp, v, cnt, R, D);
   }
-}
-// values_block over fp16 values (D = 16 .. 128 in steps of 16), each chunk converted in the register.
-template <typename E>
-inline void values_block_h(float* out, const float* p, int64_t ldp, const E* v, int64_t cnt, int64_t R, int64_t D) {
-  switch (D) {
-    case 16: return block_values_rows<1>(out, p, ldp, v, cnt, R);
-    case 32: return block_values_rows<2>(out, p, ldp, v, cnt, R);
-    case 48: return block_values_rows<3>(out, p, ldp, v, cnt, R);
-    case 64: return block_values_rows<4>(out, p, ldp, v, cnt, R);
-    case 80: return block_values_rows<5>(out, p, ldp, v, cnt, R);
-    case 96: return block_values_rows<6>(out, p, ldp, v, cnt, R);
-    case 112: return block_values_rows<7>(out, p, ldp, v, cnt, R);
-    default: return block_values_rows<8>(out, p, ldp, v, cnt, R);
-  }
+  if constexpr (std::is_same_v<E, float>) accumulate_block(out, p, ldp, v, cnt, R, D);
 }
 // The fp16 cache is read in place (no converted copy) where the head size allows it.
 constexpr bool kHalfInPlace = true;
@@ -633,30 +617,26 @@ inline void run_values(const float* p, int64_t QW, Block block, int64_t bs, int6
 // Whether the run path serves a layer: 1 .. 8 query heads per KV head, head size 64 or 128.
 inline bool run_path_applies(int64_t group, int64_t D) { return group >= 1 && group <= 8 && (D == 64 || D == 128); }
 
-inline void run_scores_any(int64_t G, const float* qt, const float* k, int64_t cnt, int64_t D, float scale,
-                           float* s) {
+// f(std::integral_constant<int, G>()) for G = 1 .. 8: a run task's query heads per KV head as a constant.
+template <typename F>
+inline void with_group(int64_t G, F f) {
   switch (G) {
-    case 1: return run_scores<1>(qt, k, cnt, D, scale, s);
-    case 2: return run_scores<2>(qt, k, cnt, D, scale, s);
-    case 3: return run_scores<3>(qt, k, cnt, D, scale, s);
-    case 4: return run_scores<4>(qt, k, cnt, D, scale, s);
-    case 5: return run_scores<5>(qt, k, cnt, D, scale, s);
-    case 6: return run_scores<6>(qt, k, cnt, D, scale, s);
-    case 7: return run_scores<7>(qt, k, cnt, D, scale, s);
-    default: return run_scores<8>(qt, k, cnt, D, scale, s);
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    default: return f(std::integral_constant<int, 8>());
   }
 }
+inline void run_scores_any(int64_t G, const float* qt, const float* k, int64_t cnt, int64_t D, float scale,
+                           float* s) {
+  with_group(G, [&](auto g) { run_scores<decltype(g)::value>(qt, k, cnt, D, scale, s); });
+}
 inline void run_softmax_any(int64_t G, float* s, int64_t n, int64_t p0, int64_t R, float* inv) {
-  switch (G) {
-    case 1: return run_softmax<1>(s, n, p0, R, inv);
-    case 2: return run_softmax<2>(s, n, p0, R, inv);
-    case 3: return run_softmax<3>(s, n, p0, R, inv);
-    case 4: return run_softmax<4>(s, n, p0, R, inv);
-    case 5: return run_softmax<5>(s, n, p0, R, inv);
-    case 6: return run_softmax<6>(s, n, p0, R, inv);
-    case 7: return run_softmax<7>(s, n, p0, R, inv);
-    default: return run_softmax<8>(s, n, p0, R, inv);
-  }
+  with_group(G, [&](auto g) { run_softmax<decltype(g)::value>(s, n, p0, R, inv); });
 }
 // All lanes of `lanes` through run_values, QP at a time (the last pass padded with its first lane).
 template <typename E, typename Block>
@@ -680,9 +660,9 @@ inline void block_dots(const float* q, int64_t R, int64_t D, const float* k, int
     for (int64_t r = 0; r < R; ++r) dots[r * ldd + o] = dot(q + r * D, k + o * D, D);
 }
 
-inline void values_block(float* out, const float* p, int64_t ldp, const float* v, int64_t cnt, int64_t R,
-                         int64_t D) {
-  accumulate_block(out, p, ldp, v, cnt, R, D);
+template <typename E>
+inline void values_block(float* out, const float* p, int64_t ldp, const E* v, int64_t cnt, int64_t R, int64_t D) {
+  if constexpr (std::is_same_v<E, float>) accumulate_block(out, p, ldp, v, cnt, R, D);  // (in-place kinds: AVX-512)
 }
 constexpr bool kHalfInPlace = false;
 constexpr int64_t kRunRows = 16, kRunMin = 4;
@@ -694,8 +674,6 @@ inline void run_values_any(int64_t, const float*, int64_t, Block, int64_t, int64
                            float*) {}
 template <typename E>
 inline void block_dots_h(const float*, int64_t, int64_t, const E*, int64_t, float*, int64_t) {}
-template <typename E>
-inline void values_block_h(float*, const float*, int64_t, const E*, int64_t, int64_t, int64_t) {}
 #endif
 
 // Tasks 0 .. n - 1 as one list per thread: contiguous runs of equal length (as at::parallel_for splits a range)
@@ -1017,6 +995,7 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
       }
       score.resize(n * QW);
+      if (k8) vrows.resize(n * D);
       for (int64_t j0 = 0, i = 0; j0 < n; j0 += BS, ++i) {
         const int64_t cnt = std::min(BS, n - j0), e0 = (g * NB + int64_t(trow[i])) * BS;
         const float* keys = kf ? kf + e0 * CD : kb.data();
@@ -1028,7 +1007,6 @@ struct DecodeLayer : torch::CustomClassHolder {
             const float w = float(ksc[e0 + o]);
             for (int64_t d = 0; d < D; ++d) row[d] *= w;
           }
-          vrows.resize(n * D);
           for (int64_t o = 0; o < cnt; ++o) {
             float* row = vrows.data() + (j0 + o) * D;
             codes(v8, nullptr, e0 + o, row);
@@ -1195,7 +1173,7 @@ struct DecodeLayer : torch::CustomClassHolder {
           float* out = corep + b * H * D + h0 * D;
           if (half_in_place) {
             prefetch_next(i, vh);
-            values_block_h(out, score.data() + j0, n, vh + (g * NB + int64_t(trow[i])) * BS * CD, cnt, per_task, D);
+            values_block(out, score.data() + j0, n, vh + (g * NB + int64_t(trow[i])) * BS * CD, cnt, per_task, D);
             continue;
           }
           if (int8_in_place) {  // the probabilities times each entry's scale, then the codes as they are cached
@@ -1204,7 +1182,7 @@ struct DecodeLayer : torch::CustomClassHolder {
             for (int64_t r = 0; r < per_task; ++r) {
               for (int64_t o = 0; o < cnt; ++o) pw[r * BS + o] = score[r * n + j0 + o] * float(vsc[e0 + o]);
             }
-            values_block_h(out, pw.data(), BS, v8 + e0 * CD, cnt, per_task, D);
+            values_block(out, pw.data(), BS, v8 + e0 * CD, cnt, per_task, D);
             continue;
           }
           load_block(i, cnt, vf, vh, v8, v4, vsc, vz, vsink, vals, vs, vzero);

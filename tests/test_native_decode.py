@@ -229,29 +229,41 @@ def test_lm_head_runs_on_its_own_thread_count_and_restores_it(packed_dir):
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("kind", ["auto", "fp16", "int8"])
-@torch.inference_mode()
-def test_prompt_chunks_ride_in_the_decode_call(packed_dir, kind):
-    """A prompt prefilled as rows of decode calls (two chunks, beside another sequence's decode rows) caches what
-    runner.prefill caches and gives the same last-position logits, and the decode steps after it agree."""
-    prompt, other = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4], [7, 7, 2]
-    results = {}
+def chunks_and_prefill(ckpt, kind: str, prompt: list[int], split: int) -> dict:
+    """A prompt cached two ways beside another sequence (slot 0): runner.prefill, and as rows of two decode calls
+    (the first `split` tokens beside slot 0's decode row, then the rest). Per way: the last position's logits,
+    slot 0's logits beside it, the prompt's cached keys of every layer, and three decode steps of both after."""
+    other, results = [7, 7, 2], {}
     for mode in ("prefill", "rows"):
-        runner = runner_for(packed_dir, kind=kind)
-        assert runner.mixed_prefill
+        runner = runner_for(ckpt, kind=kind)
+        assert runner.native is not None and runner.mixed_prefill, runner.native_reason
         runner.prefill(0, other)
         runner.cache.ensure(2, len(prompt) + 1)
         if mode == "prefill":
             first = runner.prefill(2, prompt)
             beside = runner.decode([0], [11], [len(other)])[0]
         else:
-            a = runner.decode([0] + [2] * 12, [11] + prompt[:12], [len(other)] + list(range(12)), logit_rows=[0])
-            b = runner.decode([2] * 8, prompt[12:], list(range(12, 20)), logit_rows=[7])
+            rest = len(prompt) - split
+            a = runner.decode([0] + [2] * split, [11] + prompt[:split], [len(other)] + list(range(split)),
+                              logit_rows=[0])
+            b = runner.decode([2] * rest, prompt[split:], list(range(split, len(prompt))), logit_rows=[rest - 1])
             assert a.shape == (1, runner.vocab_size) and b.shape == (1, runner.vocab_size)
             beside, first = a[0], b[0]
+        keys = torch.stack([runner.cache.read(i, torch.tensor([2]), len(prompt))[0] for i in range(len(runner.blocks))])
         steps = [runner.decode([0, 2], [12 + i, 20 + i], [len(other) + 1 + i, len(prompt) + i]) for i in range(3)]
-        results[mode] = (first, beside, torch.stack(steps))
-    for got, want in zip(results["rows"], results["prefill"]):
+        results[mode] = {"logits": first, "beside": beside, "keys": keys, "steps": torch.stack(steps)}
+    return results
+
+
+@pytest.mark.parametrize("kind", ["auto", "fp16", "int8"])
+@torch.inference_mode()
+def test_prompt_chunks_ride_in_the_decode_call(packed_dir, kind):
+    """A prompt prefilled as rows of decode calls (two chunks, beside another sequence's decode rows) caches what
+    runner.prefill caches and gives the same last-position logits, and the decode steps after it agree."""
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+    results = chunks_and_prefill(packed_dir, kind, prompt, 12)
+    for name in ("logits", "beside", "steps"):
+        got, want = results["rows"][name], results["prefill"][name]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
@@ -266,24 +278,9 @@ def test_prompt_chunk_rows_attended_together_give_what_prefill_gives(tmp_path, f
     the last-position logits and cache of runner.prefill, and the decode steps after them agree."""
     model = tiny_llama(inter=64, tie=False, heads=heads, kv_heads=kv_heads, hidden=hidden)
     ckpt = save_packed(model, tmp_path / "ckpt", group_size=16)
-    prompt, other = [(7 * i + 3) % 90 + 5 for i in range(40)], [7, 7, 2]
-    results = {}
-    for mode in ("prefill", "rows"):
-        runner = runner_for(ckpt, kind=kind)
-        assert runner.native is not None and runner.mixed_prefill, runner.native_reason
-        runner.prefill(0, other)
-        runner.cache.ensure(2, len(prompt) + 1)
-        if mode == "prefill":
-            first = runner.prefill(2, prompt)
-            beside = runner.decode([0], [11], [len(other)])[0]
-        else:
-            a = runner.decode([0] + [2] * 21, [11] + prompt[:21], [len(other)] + list(range(21)), logit_rows=[0])
-            b = runner.decode([2] * 19, prompt[21:], list(range(21, 40)), logit_rows=[18])
-            beside, first = a[0], b[0]
-        keys = torch.stack([runner.cache.read(i, torch.tensor([2]), len(prompt))[0] for i in range(len(runner.blocks))])
-        steps = [runner.decode([0, 2], [12 + i, 20 + i], [len(other) + 1 + i, len(prompt) + i]) for i in range(3)]
-        results[mode] = (first, beside, keys, torch.stack(steps))
-    for name, got, want in zip(("logits", "beside", "keys", "steps"), results["rows"], results["prefill"]):
+    results = chunks_and_prefill(ckpt, kind, [(7 * i + 3) % 90 + 5 for i in range(40)], 21)
+    for name in ("logits", "beside", "keys", "steps"):
+        got, want = results["rows"][name], results["prefill"][name]
         # keys in a 16-bit cache may round one step apart (1e-3 of a value) where the sums differ in the last bit
         tol = 2e-3 if name == "keys" and kind != "fp32" else 1e-4
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
