@@ -4,7 +4,8 @@
     python benchmarks/serve.py --mamp b4=CKPT [--mamp 'b4-2t=CKPT --threads 2'] [--mamp fp32=FLOAT_CKPT] \
         [--llama-server BIN --gguf q4_0=Q4_0.gguf --gguf q8_0=Q8_0.gguf] \
         [--vllm-python VENV/bin/python --vllm fp32=HF_FOLDER] \
-        [--concurrency 1 4 16] [--rounds 2] [--requests-per-client 3] [--max-tokens 128] [--plot serve.png]
+        [--concurrency 1 4 16] [--rounds 2] [--requests-per-client 3] [--max-tokens 128] [--plot serve.png] \
+        [--prompt-tokens 512]
 
 (`--packed CKPT` / `--float CKPT` are shorthands for `--mamp packed=CKPT` / `--mamp float=CKPT`.)
 
@@ -16,6 +17,10 @@ memory of the server's whole process tree (sampled from /proc every 0.2 s during
 process beside its API process, and pages the two share count twice). Every request uses ignore_eos, so all
 generate exactly --max-tokens tokens. Prints a markdown table and the mamp/peer ratios; --plot writes tokens/s
 against clients (needs matplotlib).
+
+--prompt-tokens N replaces the one short prompt with long ones: every request its own prompt of about N tokens
+(N words drawn by a seeded generator, the same sequence of prompts for every system), so no server can reuse a
+cached prefix, and the ratios then include each peer's TTFT p50 over mamp's: how fast a long prompt is read.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import shlex
 import socket
 import statistics
@@ -134,7 +140,7 @@ def server_command(system: System, port: int, args) -> tuple[list[str], dict[str
         return cmd, {}
     if system.kind == "llama.cpp":
         # One KV slot per client; each slot gets the context it needs (prompt + generation, with room to spare).
-        ctx = slots * max(512, 2 * args.max_tokens + 128)
+        ctx = slots * max(512, args.prompt_tokens + 2 * args.max_tokens + 128)
         cmd = [args.llama_server, "-m", system.model, "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-c", str(ctx), "--alias", system.label, "--no-webui", *args.llama_arg, *system.extra]
         return cmd, {}
@@ -213,23 +219,37 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
     return tokens, stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+WORDS = ("the cat sat on a mat and looked at the big red ball while the sun was warm in the sky over the little "
+         "town where people walked their dogs past old houses by a river").split()
+
+
+def long_prompt(tokens: int, seed: int) -> str:
+    """About `tokens` tokens of common words (one token each), different for every seed."""
+    rnd = random.Random(seed)
+    return " ".join(rnd.choice(WORDS) for _ in range(tokens))
+
+
 async def run_level(server: ServerProcess, label: str, round_: int, concurrency: int, per_client: int,
-                    body: dict) -> LevelResult:
+                    body: dict, prompt_tokens: int = 0) -> LevelResult:
+    """`concurrency` clients, each sending `per_client` requests of `body` one after another (with prompt_tokens,
+    request j of client i gets its own long prompt, the same for every system at this level and round)."""
     result = LevelResult(label, round_, concurrency)
     # A fresh connection per request: llama-server closes idle keep-alive connections, and a request sent on one
     # it has just closed fails with "Server disconnected"; every system is driven the same way.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        async def client_loop() -> None:
-            for _ in range(per_client):
-                tokens, ttft, itl = await one_request(client, server.url, body)
+        async def client_loop(i: int) -> None:
+            for j in range(per_client):
+                seed = ((round_ * 1000 + concurrency) * 1000 + i) * 1000 + j
+                req = {**body, "prompt": long_prompt(prompt_tokens, seed)} if prompt_tokens else body
+                tokens, ttft, itl = await one_request(client, server.url, req)
                 result.tokens += tokens
                 result.ttft.append(ttft)
                 result.itl.extend(itl)
 
         with RssSampler(server.proc.pid) as rss:
             start = time.perf_counter()
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+            await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
             result.seconds = time.perf_counter() - start
     result.peak_rss_bytes = rss.peak
     return result
@@ -247,7 +267,8 @@ def bench_system(system: System, round_: int, args) -> list[LevelResult]:
         asyncio.run(run_level(server, system.label, round_, 1, 1, {**body, "max_tokens": 8}))  # warm-up
         out = []
         for c in args.concurrency:
-            out.append(asyncio.run(run_level(server, system.label, round_, c, args.requests_per_client, body)))
+            out.append(asyncio.run(run_level(server, system.label, round_, c, args.requests_per_client, body,
+                                             args.prompt_tokens)))
             print(f"    {c:>3} clients: {out[-1].tokens_per_s:7.1f} tok/s", file=sys.stderr)
         return out
     except Exception:
@@ -278,8 +299,10 @@ def markdown(systems: list[System], results: list[LevelResult], concurrency: lis
     return "\n".join(rows)
 
 
-def ratios(systems: list[System], results: list[LevelResult], concurrency: list[int], rounds: int) -> str:
-    """tokens/s of each mamp system over each peer, per level, every round's ratio (same round, same load)."""
+def ratios(systems: list[System], results: list[LevelResult], concurrency: list[int], rounds: int,
+           ttft: bool = False) -> str:
+    """tokens/s of each mamp system over each peer, per level, every round's ratio (same round, same load); with
+    ttft, also each peer's TTFT p50 over the mamp system's."""
     lines = []
     mine = [s for s in systems if s.kind == "mamp"]
     for m in mine:
@@ -294,6 +317,11 @@ def ratios(systems: list[System], results: list[LevelResult], concurrency: list[
                 lines.append(f"- {m.label} / {p.label}, {c} clients: "
                              + " / ".join(f"{x:.2f}x" for x in per_round)
                              + f" (median {statistics.median(per_round):.2f}x)")
+                if ttft:
+                    slower = [percentile(pooled(results, p.label, c)[r].ttft, 50)
+                              / percentile(pooled(results, m.label, c)[r].ttft, 50) for r in range(rounds)]
+                    lines.append(f"- TTFT p50 {p.label} / {m.label}, {c} clients: "
+                                 + " / ".join(f"{x:.2f}x" for x in slower))
         ones = pooled(results, m.label, 1)
         for c in concurrency:
             if c == 1 or not ones:
@@ -348,6 +376,8 @@ def main(argv=None) -> None:
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="instead of --prompt: every request its own prompt of about this many tokens")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="mamp's device")
     p.add_argument("--server-arg", action="append", default=[], help="extra mamp server flag (repeatable)")
     p.add_argument("--llama-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
@@ -364,6 +394,8 @@ def main(argv=None) -> None:
         p.error("give at least one of --mamp/--packed/--float, --gguf, --vllm")
     if len({s.label for s in systems}) != len(systems):
         p.error("labels must differ")
+    if args.prompt_tokens < 0:
+        p.error("--prompt-tokens must be at least 0")
     if args.gguf and not args.llama_server:
         p.error("--gguf needs --llama-server BIN")
     if args.vllm and not args.vllm_python:
@@ -378,10 +410,11 @@ def main(argv=None) -> None:
     print(f"command: python benchmarks/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"mamp device {args.device}; date {datetime.date.today().isoformat()}")
-    print(f"each request: {args.max_tokens} tokens, prompt {args.prompt!r}; {args.requests_per_client} requests "
+    prompt = f"its own of ~{args.prompt_tokens} tokens" if args.prompt_tokens else repr(args.prompt)
+    print(f"each request: {args.max_tokens} tokens, prompt {prompt}; {args.requests_per_client} requests "
           f"per client; {args.rounds} alternating round(s)\n")
     print(markdown(systems, results, args.concurrency))
-    text = ratios(systems, results, args.concurrency, args.rounds)
+    text = ratios(systems, results, args.concurrency, args.rounds, ttft=bool(args.prompt_tokens))
     if text:
         print("\n" + text)
     if args.plot:

@@ -15,7 +15,9 @@ thread goes on decoding, the cores split between the two (on 2 cores one each), 
 one-thread step instead of waiting for each chunk (benchmarks/prefill_stall.py on 2 cores, a 512-token prompt
 beside 15 streams: first token in 0.71–1.02 s, median 0.83, the streams' worst gap 1.6–2.6 decode steps; in-step
 chunks of 16 tokens 1.06–1.11 s and 2.0–2.3 steps; docs/RESULTS.md). The results are the same either way (every
-row is computed the same whatever the batch and threads).
+row is computed the same whatever the batch and threads). A second long prompt that arrives while the helper holds
+one, with streams decoding, waits for the helper rather than riding in the steps: on the engine thread's half of
+the cores its chunks would stall the streams for several steps each.
 
 KV-cache blocks (server/kv_cache.py) are taken when a sequence is admitted (its whole prompt and the first
 generated position) and as it grows; a sequence waits in the queue until those blocks are free. When a running
@@ -147,6 +149,7 @@ class Engine:
                         if prefill_beside and runner.mixed_prefill and threads is not None and threads[1] >= 2
                         else None)
         self.num_prefills_beside = 0
+        self.num_beside_waits = 0  # steps at which a long prompt waited for the busy helper
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -281,6 +284,7 @@ class Engine:
         still prefilled here, whole."""
         budget = self.max_prefill_tokens
         mixed: list[tuple[_Sequence, int]] = []
+        held: list[_Sequence] = []  # long prompts waiting for the helper, back at the head of the line after
         while budget > 0 and self._prefilling:
             seq = self._prefilling[0]
             if self._running.get(seq.slot) is not seq or seq.prefilled >= len(seq.target):  # ended or preempted
@@ -290,9 +294,14 @@ class Engine:
             want_prompt = seq.params.prompt_logprobs is not None and not resumed
             left = len(seq.target) - seq.prefilled
             n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
-            if left > self.max_prefill_tokens and not want_prompt and self._start_beside(seq):
-                self._prefilling.popleft()
-                continue
+            if left > self.max_prefill_tokens and not want_prompt:
+                if self._start_beside(seq):
+                    self._prefilling.popleft()
+                    continue
+                if self._beside is not None and self._streams_decoding():  # the helper is busy: wait for it
+                    held.append(self._prefilling.popleft())
+                    self.num_beside_waits += 1
+                    continue
             if self.runner.mixed_prefill and not want_prompt:
                 mixed.append((seq, n))
                 budget -= n
@@ -320,6 +329,7 @@ class Engine:
                 if self._prefilling and self._prefilling[0] is seq:
                     self._prefilling.popleft()
                 self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+        self._prefilling.extendleft(reversed(held))
         return mixed
 
     def _decode(self, chunks: list[tuple[_Sequence, int]] = ()) -> bool:
@@ -378,9 +388,7 @@ class Engine:
     def _start_beside(self, seq: _Sequence) -> bool:
         """Hands the rest of seq's prompt to the helper thread, if there is one, it is idle and streams are
         decoding (alone, the prompt is better served by the in-step chunks on every thread)."""
-        if self._helper is None or self._beside is not None:
-            return False
-        if not any(s.output_ids and s.prefilled == len(s.target) for s in self._running.values()):
+        if self._helper is None or self._beside is not None or not self._streams_decoding():
             return False
         if self.runner.cache.blocks_needed(seq.slot, len(seq.target)) > 0:  # admission took them: the helper must
             return False  # not allocate (the pool's lists belong to this thread)
@@ -410,6 +418,9 @@ class Engine:
         self._beside = (seq, future, cancel)
         future.add_done_callback(lambda _: self._wake())
         return True
+
+    def _streams_decoding(self) -> bool:
+        return any(s.output_ids and s.prefilled == len(s.target) for s in self._running.values())
 
     def _wake(self) -> None:
         with self._cv:

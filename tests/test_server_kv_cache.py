@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -259,6 +260,71 @@ def test_long_prompts_prefilled_beside_the_decode_steps_give_the_same_text(tiny_
     assert inline_engine.num_prefills_beside == 0
     assert beside == inline
     assert engine.runner.cache.allocator.num_used == 0 and inline_engine.runner.cache.allocator.num_used == 0
+
+
+def test_a_second_long_prompt_waits_for_the_busy_helper_instead_of_riding_in_the_steps(tiny_packed):
+    """Two long prompts arrive while a stream decodes: the first goes to the helper thread (its call held here),
+    the second waits for it rather than riding in the engine thread's steps as chunks (which, on half the cores,
+    would stall the stream for several steps each): no step made while the helper is busy carries prompt rows.
+    Once released, the second is prefilled beside in turn; all three give the text the in-step chunks give."""
+    model, tok = tiny_packed
+    runner = BatchedLlama(model, 4, 128, kv_cache_blocks=64)
+    engine = Engine(runner, tok, 4, max_queue=8, max_prefill_tokens=8, threads=(2, 2), prefill_beside=True)
+    gate, entered = threading.Event(), threading.Event()
+    busy_steps: list[int] = []  # rows of each engine-thread call made while the helper held a prompt
+    decode = runner.decode
+
+    def watched_decode(slots, *args, **kw):
+        if threading.current_thread().name.startswith("mamp-prefill"):
+            entered.set()
+            gate.wait(30)
+        elif engine._beside is not None:
+            busy_steps.append(len(slots) - len(set(slots)))  # prompt-chunk rows: more than one row of a slot
+        return decode(slots, *args, **kw)
+
+    runner.decode = watched_decode
+    outs: dict[int, list] = {0: [], 1: [], 2: []}
+    done = threading.Semaphore(0)
+    first_out, submitted = threading.Event(), threading.Event()
+
+    def sink(i):
+        def put(out):
+            outs[i].append(out)
+            if i == 0 and len(outs[0]) == 1:  # the stream decodes before the long prompts are queued
+                first_out.set()
+                submitted.wait(30)
+            if out.finish_reason is not None:
+                done.release()
+        return put
+
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    longs = [" ".join(["the little dog ran to the park"] * 5), " ".join(["a big red ball was in the sky"] * 4)]
+    before = torch.get_num_threads()
+    engine.start()
+    try:
+        engine.submit([tok(PROMPTS[0]).input_ids], [greedy], [sink(0)])
+        assert first_out.wait(30)
+        engine.submit([tok(p).input_ids for p in longs], [greedy] * 2, [sink(1), sink(2)])
+        submitted.set()
+        assert entered.wait(30)
+        deadline = time.monotonic() + 30
+        while len(busy_steps) < 4 and time.monotonic() < deadline:  # the stream's steps go on meanwhile
+            time.sleep(0.005)
+        assert len(busy_steps) >= 4 and not any(busy_steps), busy_steps  # with no rows of the second prompt
+        assert engine.num_beside_waits >= 4 and engine.num_prefills_beside == 1
+        gate.set()
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+    finally:
+        gate.set()
+        submitted.set()
+        engine.shutdown()
+        torch.set_num_threads(before)
+    assert busy_steps and not any(busy_steps), busy_steps
+    assert engine.num_prefills_beside == 2 and runner.cache.allocator.num_used == 0
+    got = [[o.token.token_id for o in outs[i] if o.token is not None] for i in range(3)]
+    inline, _ = run_engine(model, tok, [PROMPTS[0]] + longs, blocks=64, max_tokens=40)
+    assert got == inline
 
 
 def test_a_prompt_aborted_while_prefilled_beside_ends_at_once_and_frees_its_blocks_after_the_helper(tiny_packed):
