@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -270,22 +269,25 @@ def test_a_second_long_prompt_waits_for_the_busy_helper_instead_of_riding_in_the
     model, tok = tiny_packed
     runner = BatchedLlama(model, 4, 128, kv_cache_blocks=64)
     engine = Engine(runner, tok, 4, max_queue=8, max_prefill_tokens=8, threads=(2, 2), prefill_beside=True)
-    gate, entered = threading.Event(), threading.Event()
-    busy_steps: list[int] = []  # rows of each engine-thread call made while the helper held a prompt
-    decode = runner.decode
+    gate = threading.Event()
+    busy_steps: list[int] = []  # prompt-chunk rows (more than one row of a slot) of each engine-thread call
+    decode = runner.decode  # made while the helper held a prompt
 
     def watched_decode(slots, *args, **kw):
         if threading.current_thread().name.startswith("mamp-prefill"):
-            entered.set()
-            gate.wait(30)
+            gate.wait(30)  # the helper's first call is held until the stream has made four steps beside it
         elif engine._beside is not None:
-            busy_steps.append(len(slots) - len(set(slots)))  # prompt-chunk rows: more than one row of a slot
+            busy_steps.append(len(slots) - len(set(slots)))
+            if len(busy_steps) == 4:
+                waits_while_held.append(engine.num_beside_waits)
+                gate.set()
         return decode(slots, *args, **kw)
 
     runner.decode = watched_decode
     outs: dict[int, list] = {0: [], 1: [], 2: []}
     done = threading.Semaphore(0)
     first_out, submitted = threading.Event(), threading.Event()
+    waits_while_held: list[int] = []
 
     def sink(i):
         def put(out):
@@ -306,13 +308,6 @@ def test_a_second_long_prompt_waits_for_the_busy_helper_instead_of_riding_in_the
         assert first_out.wait(30)
         engine.submit([tok(p).input_ids for p in longs], [greedy] * 2, [sink(1), sink(2)])
         submitted.set()
-        assert entered.wait(30)
-        deadline = time.monotonic() + 30
-        while len(busy_steps) < 4 and time.monotonic() < deadline:  # the stream's steps go on meanwhile
-            time.sleep(0.005)
-        assert len(busy_steps) >= 4 and not any(busy_steps), busy_steps  # with no rows of the second prompt
-        assert engine.num_beside_waits >= 4 and engine.num_prefills_beside == 1
-        gate.set()
         for _ in range(3):
             assert done.acquire(timeout=60)
     finally:
@@ -320,7 +315,10 @@ def test_a_second_long_prompt_waits_for_the_busy_helper_instead_of_riding_in_the
         submitted.set()
         engine.shutdown()
         torch.set_num_threads(before)
-    assert busy_steps and not any(busy_steps), busy_steps
+    # four steps of the stream while the helper held the first prompt, and later ones while it prefilled the second:
+    # none carried rows of the waiting prompt (without the wait, each carries an 8-token chunk of it)
+    assert len(busy_steps) > 4 and not any(busy_steps), busy_steps
+    assert waits_while_held and waits_while_held[0] >= 4  # passed over at each of those steps
     assert engine.num_prefills_beside == 2 and runner.cache.allocator.num_used == 0
     got = [[o.token.token_id for o in outs[i] if o.token is not None] for i in range(3)]
     inline, _ = run_engine(model, tok, [PROMPTS[0]] + longs, blocks=64, max_tokens=40)
