@@ -4,9 +4,8 @@ outputs together once the step is done, through `deliver`). It knows token ids, 
 
 Prompts are prefilled in chunks under a per-step token budget (max_prefill_tokens, like vLLM's
 max_num_batched_tokens): each step prefills at most that many prompt tokens, oldest admitted first (but see the
-helper below), and
-decodes every running sequence, so a long prompt arriving delays the running streams by one chunk per step
-rather than by its whole prefill. With the native CPU step the chunks ride in the decode step's own call, as
+helper below), and decodes every running sequence, so a long prompt arriving delays the running streams by one
+chunk per step rather than by its whole prefill. With the native CPU step the chunks ride in the decode step's own call, as
 more rows (vLLM's mixed batches); otherwise each chunk is a prefill call before the decode call. (Prompts asking
 for prompt logprobs are prefilled whole.)
 
@@ -256,8 +255,8 @@ class Engine:
         self._collect_beside()
         if not self._decode(self._prefill_chunks()) and self._beside is not None:
             # Only the helper has work (no stream decodes, so nothing waits for it): its next calls take every
-            # thread, and this thread waits for it to finish
-            # (its done callback notifies) or for a request or abort to arrive.
+            # thread, and this thread waits for it to finish (its done callback notifies) or for a request or
+            # abort to arrive.
             self._use_threads(0, helper_alone=True)
             with self._cv:
                 if not (self._beside[1].done() or self._aborts or self._stopping):
@@ -285,57 +284,61 @@ class Engine:
         chunks beside the decode rows (BatchedLlama.mixed_prefill), the chunks are returned as (sequence, tokens)
         for the decode step's one call instead (_decode finishes them); prompts asking for prompt logprobs are
         still prefilled here, whole."""
-        budget = self.max_prefill_tokens
         mixed: list[tuple[_Sequence, int]] = []
         held: list[_Sequence] = []  # long prompts waiting for the helper, back at the head of the line after
         try:
-            while budget > 0 and self._prefilling:
-                seq = self._prefilling[0]
-                if self._running.get(seq.slot) is not seq or seq.prefilled >= len(seq.target):  # ended or preempted
-                    self._prefilling.popleft()
-                    continue
-                resumed = bool(seq.output_ids)  # after a preemption: its next token is known
-                want_prompt = seq.params.prompt_logprobs is not None and not resumed
-                left = len(seq.target) - seq.prefilled
-                n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
-                if left > self.max_prefill_tokens and not want_prompt:
-                    if self._start_beside(seq):
-                        self._prefilling.popleft()
-                        continue
-                    if self._beside is not None and self._streams_decoding():  # the helper is busy: wait for it
-                        held.append(self._prefilling.popleft())
-                        self.num_beside_waits += 1
-                        continue
-                if self.runner.mixed_prefill and not want_prompt:
-                    mixed.append((seq, n))
-                    budget -= n
-                    if n == left:  # its last chunk: the next sequence may take the rest of the budget
-                        self._prefilling.popleft()
-                    continue
-                try:
-                    self._use_threads(n)
-                    logits = self.runner.prefill(seq.slot, seq.target[seq.prefilled:seq.prefilled + n],
-                                                 all_logits=want_prompt, start=seq.prefilled)
-                    seq.prefilled += n
-                    budget -= n
-                    if seq.prefilled < len(seq.target):
-                        continue
-                    self._prefilling.popleft()
-                    if resumed:  # back in the decode batch, where it stopped
-                        continue
-                    prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
-                    if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
-                        self._finish(seq, "length", SeqOutput(None, "", "length", prompt_lps))
-                        continue
-                    self._advance(seq, logits[-1] if want_prompt else logits, prompt_lps)
-                except Exception as exc:  # a bad request must not take the engine down
-                    logger.exception("prefill failed for sequence %d", seq.seq_id)
-                    if self._prefilling and self._prefilling[0] is seq:
-                        self._prefilling.popleft()
-                    self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
+            self._fill_budget(mixed, held)
         finally:  # (an exception must not lose them: they hold rows and blocks)
             self._prefilling.extendleft(reversed(held))
         return mixed
+
+    def _fill_budget(self, mixed: list[tuple[_Sequence, int]], held: list[_Sequence]) -> None:
+        """_prefill_chunks' work: the chunks it returns go to `mixed`, the prompts it passes over to `held`."""
+        budget = self.max_prefill_tokens
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            if self._running.get(seq.slot) is not seq or seq.prefilled >= len(seq.target):  # ended or preempted
+                self._prefilling.popleft()
+                continue
+            resumed = bool(seq.output_ids)  # after a preemption: its next token is known
+            want_prompt = seq.params.prompt_logprobs is not None and not resumed
+            left = len(seq.target) - seq.prefilled
+            n = left if want_prompt else min(budget, left)  # prompt logprobs need every position's logits
+            if left > self.max_prefill_tokens and not want_prompt:
+                if self._start_beside(seq):
+                    self._prefilling.popleft()
+                    continue
+                if self._beside is not None and self._streams_decoding():  # the helper is busy: wait for it
+                    held.append(self._prefilling.popleft())
+                    self.num_beside_waits += 1
+                    continue
+            if self.runner.mixed_prefill and not want_prompt:
+                mixed.append((seq, n))
+                budget -= n
+                if n == left:  # its last chunk: the next sequence may take the rest of the budget
+                    self._prefilling.popleft()
+                continue
+            try:
+                self._use_threads(n)
+                logits = self.runner.prefill(seq.slot, seq.target[seq.prefilled:seq.prefilled + n],
+                                             all_logits=want_prompt, start=seq.prefilled)
+                seq.prefilled += n
+                budget -= n
+                if seq.prefilled < len(seq.target):
+                    continue
+                self._prefilling.popleft()
+                if resumed:  # back in the decode batch, where it stopped
+                    continue
+                prompt_lps = self._prompt_logprobs(seq, logits) if want_prompt else None
+                if seq.params.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                    self._finish(seq, "length", SeqOutput(None, "", "length", prompt_lps))
+                    continue
+                self._advance(seq, logits[-1] if want_prompt else logits, prompt_lps)
+            except Exception as exc:  # a bad request must not take the engine down
+                logger.exception("prefill failed for sequence %d", seq.seq_id)
+                if self._prefilling and self._prefilling[0] is seq:
+                    self._prefilling.popleft()
+                self._finish(seq, "error", SeqOutput(None, "", "error", error=str(exc)))
 
     def _decode(self, chunks: list[tuple[_Sequence, int]] = ()) -> bool:
         """One call for every sequence with a first token (prefill complete; in slot order, see

@@ -270,8 +270,11 @@ def test_a_second_long_prompt_waits_for_the_busy_helper_instead_of_riding_in_the
     runner = BatchedLlama(model, 4, 128, kv_cache_blocks=64)
     engine = Engine(runner, tok, 4, max_queue=8, max_prefill_tokens=8, threads=(2, 2), prefill_beside=True)
     gate = threading.Event()
-    busy_steps: list[int] = []  # prompt-chunk rows (more than one row of a slot) of each engine-thread call
-    decode = runner.decode  # made while the helper held a prompt
+    # prompt-chunk rows (more than one row of a slot) of each engine-thread call made while the helper held a prompt,
+    # and the engine's count of prompts passed over when the fourth such call was made
+    busy_steps: list[int] = []
+    waits_while_held: list[int] = []
+    decode = runner.decode
 
     def watched_decode(slots, *args, **kw):
         if threading.current_thread().name.startswith("mamp-prefill"):
@@ -287,7 +290,6 @@ def test_a_second_long_prompt_waits_for_the_busy_helper_instead_of_riding_in_the
     outs: dict[int, list] = {0: [], 1: [], 2: []}
     done = threading.Semaphore(0)
     first_out, submitted = threading.Event(), threading.Event()
-    waits_while_held: list[int] = []
 
     def sink(i):
         def put(out):
